@@ -1,0 +1,40 @@
+"""The decoder family (Llama 3.x, Qwen2/2.5, Qwen3, SmolLM2) and its weights.
+
+    config, params = load_pretrained("smollm2-135m-instruct", dtype=jnp.bfloat16)
+    logits = forward(config, params, input_ids, attention_mask)   # [B, T, V] float32
+    save_pretrained(config, params, "out/hf", tokenizer=tok)       # loads in transformers
+"""
+
+from zerosearch_jax.models.config import ConfigError, ModelConfig, RopeScaling, tiny_config
+from zerosearch_jax.models.hub import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_model
+from zerosearch_jax.models.transformer import (
+    KVCache,
+    Transformer,
+    causal_attention_mask,
+    extend,
+    forward,
+    init_cache,
+    init_params,
+    param_logical_axes,
+    param_shapes,
+    positions_from_mask,
+    project_logits,
+)
+from zerosearch_jax.models.weights import (
+    GGUFSource,
+    SafetensorsSource,
+    WeightsError,
+    assemble_params,
+    hf_tensors,
+    load_pretrained,
+    read_hf_config,
+    save_pretrained,
+)
+
+__all__ = [
+    "DEFAULT_MODEL", "EMBEDDED_MODELS", "ConfigError", "GGUFSource", "KVCache", "ModelConfig",
+    "RopeScaling", "SafetensorsSource", "Transformer", "WeightsError", "assemble_params",
+    "causal_attention_mask", "extend", "forward", "hf_tensors", "init_cache", "init_params",
+    "load_pretrained", "param_logical_axes", "param_shapes", "positions_from_mask",
+    "project_logits", "read_hf_config", "resolve_model", "save_pretrained", "tiny_config",
+]
