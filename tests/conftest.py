@@ -1,0 +1,51 @@
+"""Shared fixtures. Tests run on CPU; the real model is the embedded SmolLM2-135M GGUF."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+def shared_data_dir() -> Path | None:
+    """The developers' real QA data (`../shared/data`), or None: tests using it skip cleanly."""
+    env = os.environ.get("ZEROSEARCH_SHARED_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    from zerosearch_jax.models.hub import embedded_model_path
+
+    return embedded_model_path("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """(config, float32 params) of the real SmolLM2-135M-Instruct."""
+    from zerosearch_jax.models import load_pretrained
+
+    return load_pretrained(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf):
+    from zerosearch_jax.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch(smollm2_gguf):
+    """transformers' own float32 load of the same GGUF: the reference implementation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf),
+        dtype=torch.float32)
+    return model.eval()
