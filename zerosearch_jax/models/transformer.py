@@ -2,7 +2,7 @@
 
 Parameters are a plain pytree (nested dicts of arrays), separate from the static `ModelConfig`.
 Every weight is declared with logical axis names (`vocab`, `embed`, `mlp`, `kv_heads`, `heads`,
-`head_dim`, `qkv`) so `flax.linen.logical_to_mesh_sharding` can place it on any mesh;
+`head_dim`) so `flax.linen.logical_to_mesh_sharding` can place it on any mesh;
 `param_logical_axes(config)` returns them without allocating anything.
 
 Weight layout. Matrices are stored output-major ([out, in], the PyTorch layout) and contracted on
@@ -10,20 +10,24 @@ their last axis, with q|k|v fused into one tensor and gate|up into another: on C
 the fastest for skinny decode matmuls (ENVIRONMENT.md measured 350 vs 267 tok/s at batch 8), and
 on TPU/GPU XLA picks its own physical layout anyway.
 
-    qkv_weight    [K, G+2, D, E]  per KV head: its G query heads, then its key, then its value
-    o_weight      [E, K, G, D]
-    gate_up       [2, F, E]       gate then up
+    qkv_weight    [K*(G+2)*D, E]  per KV head k: its G query heads, its key, its value
+    o_weight      [E, H*D]        (HF's o_proj as is)
+    gate_up       [2F, E]         rows interleaved: gate_0, up_0, gate_1, up_1, ...
     down          [E, F]
 
-Query head h = k * G + g belongs to KV head k (HF's `repeat_kv` order), so sharding the
-`kv_heads` axis keeps each GQA group on one device and attention needs no communication.
+All matrices are 2-D: XLA:CPU transposes a weight with several output dims on every call,
+which costs a full extra read of the model per decode step.
+Query head h = k * G + g belongs to KV head k (HF's `repeat_kv` order), and both the fused qkv
+rows and the o_weight columns are KV-head-major, so sharding `kv_heads` and `heads` on the same
+mesh axis keeps each GQA group on one device and attention needs no communication.
 
 dtype policy. Matmuls read their inputs in the parameter dtype (or the module's `dtype` when
 set) and always accumulate in float32 (`preferred_element_type`): with bfloat16 weights this is
 the AMX path on this CPU and the MXU path on TPU. The residual stream, RMSNorm, RoPE, softmax
 and logits are float32.
 
-KV cache. `KVCache` holds per-layer keys/values [B, S, K, D], a key-validity mask [B, S], each
+KV cache. `KVCache` holds per-layer keys/values [B, K, S, D] (batch dims leading, so the
+attention dots read the cache in place), a key-validity mask [B, S], each
 row's next RoPE position [B] and the next slot to write (a scalar shared by all rows, so a write
 is one `dynamic_update_slice`). `extend` appends a chunk of T tokens (prefill: T = prompt length;
 decode: T = 1; inserted observations: any T) and returns the logits for the chunk. Rows may be
@@ -90,6 +94,20 @@ def _apply_rope(x: Array, sin: Array, cos: Array) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def _write_slots(cache: Array, update: Array, start) -> Array:
+    """dynamic_update_slice of `update` into `cache`, in place.
+
+    XLA:CPU upcasts a bfloat16 dynamic-update-slice to float32 (a full read and write of the
+    cache per layer per decode step); on the same bits viewed as uint16 it updates in place.
+    """
+    update = update.astype(cache.dtype)
+    if cache.dtype != jnp.bfloat16:
+        return jax.lax.dynamic_update_slice(cache, update, start)
+    as_u16 = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint16)
+    out = jax.lax.dynamic_update_slice(as_u16(cache), as_u16(update), start)
+    return jax.lax.bitcast_convert_type(out, jnp.bfloat16)
+
+
 class RMSNorm(nn.Module):
     eps: float
     axis_name: str = "embed"
@@ -113,44 +131,48 @@ class Attention(nn.Module):
     def __call__(self, x, sin, cos, attn_mask, kv=None, write_index=None):
         """x [B, T, E] f32; sin/cos [B, T, D/2]; attn_mask [B, T, S] bool.
 
-        kv: optional (k, v) cache [B, S, K, D]; the chunk's keys/values are written at slots
+        kv: optional (k, v) cache [B, K, S, D]; the chunk's keys/values are written at slots
         [write_index, write_index + T) and attention runs over all S slots. Without a cache,
         S = T. Returns (y [B, T, E] f32, new (k, v) or None).
         """
         c = self.config
         K, G, D, E = c.num_kv_heads, c.num_groups, c.head_dim, c.hidden_size
-        w_qkv = _param(self, "qkv_weight", ("kv_heads", "qkv", "head_dim", "embed"),
-                       (K, G + 2, D, E), self.param_dtype)
-        qkv = _dot("bte,kcde->btkcd", x, w_qkv, self.dtype)  # [B, T, K, G+2, D]
+        B, T = x.shape[:2]
+        w_qkv = _param(self, "qkv_weight", ("kv_heads", "embed"), (K * (G + 2) * D, E),
+                       self.param_dtype)
+        qkv = _dot("bte,fe->btf", x, w_qkv, self.dtype)
         if c.qkv_bias:
-            b = _param(self, "qkv_bias", ("kv_heads", "qkv", "head_dim"), (K, G + 2, D),
-                       self.param_dtype, nn.initializers.zeros)
+            b = _param(self, "qkv_bias", ("kv_heads",), (K * (G + 2) * D,), self.param_dtype,
+                       nn.initializers.zeros)
             qkv = qkv + b.astype(jnp.float32)
+        qkv = qkv.reshape(B, T, K, G + 2, D)
         q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]
         if c.qk_norm:
             q = RMSNorm(c.rms_norm_eps, "head_dim", self.param_dtype, name="q_norm")(q)
             k = RMSNorm(c.rms_norm_eps, "head_dim", self.param_dtype, name="k_norm")(k)
         q = _apply_rope(q, sin[:, :, None, None], cos[:, :, None, None])  # [B, T, K, G, D]
-        k = _apply_rope(k, sin[:, :, None], cos[:, :, None])  # [B, T, K, D]
+        k = _apply_rope(k, sin[:, :, None], cos[:, :, None]).transpose(0, 2, 1, 3)  # [B,K,T,D]
+        v = v.transpose(0, 2, 1, 3)
 
         new_kv = None
         if kv is not None:
-            ck, cv = kv
-            start = (0, write_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+            start = (0, 0, write_index, 0)
+            ck, cv = (_write_slots(c_, x, start) for c_, x in zip(kv, (k, v), strict=True))
             k, v, new_kv = ck, cv, (ck, cv)
 
+        # Canonical batched matmuls ([B, K] batch dims leading, queries of a group flattened
+        # to Q = G * T): XLA:CPU runs these on its fast path without transposing the cache.
         cd = self.dtype or w_qkv.dtype
-        scores = jnp.einsum("btkgd,bskd->bkgts", q.astype(cd), k.astype(cd),
+        q = q.transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)  # [B, K, Q, D], q = g * T + t
+        scores = jnp.einsum("bkqd,bksd->bkqs", q.astype(cd), k.astype(cd),
                             preferred_element_type=jnp.float32) * (D**-0.5)
-        scores = jnp.where(attn_mask[:, None, None], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(cd), v.astype(cd),
+        mask = jnp.tile(attn_mask, (1, G, 1))[:, None]  # [B, 1, Q, S]
+        probs = jax.nn.softmax(jnp.where(mask, scores, _MASK_VALUE), axis=-1)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(cd), v.astype(cd),
                          preferred_element_type=jnp.float32)
-        w_o = _param(self, "o_weight", ("embed", "kv_heads", "heads", "head_dim"), (E, K, G, D),
-                     self.param_dtype)
-        return _dot("btkgd,ekgd->bte", out, w_o, self.dtype), new_kv
+        out = out.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, K * G * D)
+        w_o = _param(self, "o_weight", ("embed", "heads"), (E, K * G * D), self.param_dtype)
+        return _dot("btf,ef->bte", out, w_o, self.dtype), new_kv
 
 
 class MLP(nn.Module):
@@ -161,12 +183,14 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
-        w_gu = _param(self, "gate_up", (None, "mlp", "embed"),
-                      (2, c.intermediate_size, c.hidden_size), self.param_dtype)
-        w_down = _param(self, "down", ("embed", "mlp"), (c.hidden_size, c.intermediate_size),
-                        self.param_dtype)
-        gu = _dot("bte,cfe->btcf", x, w_gu, self.dtype)
-        h = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
+        F = c.intermediate_size
+        # Rows interleave gate and up (row 2f is gate_f, 2f+1 is up_f) so that sharding the
+        # `mlp` axis gives every shard matching gate and up rows.
+        w_gu = _param(self, "gate_up", ("mlp", "embed"), (2 * F, c.hidden_size),
+                      self.param_dtype)
+        w_down = _param(self, "down", ("embed", "mlp"), (c.hidden_size, F), self.param_dtype)
+        gu = _dot("bte,fe->btf", x, w_gu, self.dtype).reshape(*x.shape[:2], F, 2)
+        h = jax.nn.silu(gu[..., 0]) * gu[..., 1]
         return _dot("btf,ef->bte", h, w_down, self.dtype)
 
 
@@ -201,7 +225,7 @@ class Transformer(nn.Module):
                  return_hidden=False, last_only=False):
         """tokens, positions [B, T] int32; attn_mask [B, T, S] bool.
 
-        kv: per-layer tuple of (k, v) [B, S, K, D] or None. Returns (out, new_kv) where out is
+        kv: per-layer tuple of (k, v) [B, K, S, D] or None. Returns (out, new_kv) where out is
         logits [B, T, V] float32 ([B, V] if last_only), or the final-norm hidden states
         [B, T, E] (or [B, E]) if return_hidden.
         """
@@ -333,7 +357,7 @@ def forward(config: ModelConfig, params, input_ids: Array, attention_mask: Array
 class KVCache:
     """Decoding state of the transformer; a pytree (donate it to jitted steps).
 
-    k, v:           per-layer tuples of [B, S, K, D]
+    k, v:           per-layer tuples of [B, K, S, D]
     key_mask:       [B, S] bool, True where a slot holds a real token
     next_position:  [B] int32, RoPE position of each row's next token
     index:          [] int32, next slot to write (shared by all rows)
@@ -353,7 +377,7 @@ class KVCache:
 def init_cache(config: ModelConfig, batch_size: int, max_length: int,
                dtype=jnp.bfloat16) -> KVCache:
     """An empty cache of S = max_length slots."""
-    shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
+    shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return KVCache(
         k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),

@@ -270,12 +270,21 @@ def _hf_shapes(c: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _split_qkv(c: ModelConfig, q, k, v):
-    """HF q [H*D, ...], k/v [K*D, ...] -> fused [K, G+2, D, ...]."""
+def _fuse_qkv(c: ModelConfig, q, k, v):
+    """HF q [H*D, ...], k/v [K*D, ...] -> fused [K*(G+2)*D, ...], KV-head-major."""
     K, G, D = c.num_kv_heads, c.num_groups, c.head_dim
     rest = q.shape[1:]
     return np.concatenate([q.reshape(K, G, D, *rest), k.reshape(K, 1, D, *rest),
-                           v.reshape(K, 1, D, *rest)], axis=1)
+                           v.reshape(K, 1, D, *rest)], axis=1).reshape(-1, *rest)
+
+
+def _unfuse_qkv(c: ModelConfig, qkv):
+    """The inverse of `_fuse_qkv`: (q [H*D, ...], k [K*D, ...], v [K*D, ...])."""
+    K, G, D = c.num_kv_heads, c.num_groups, c.head_dim
+    rest = qkv.shape[1:]
+    x = qkv.reshape(K, G + 2, D, *rest)
+    return (x[:, :G].reshape(K * G * D, *rest), x[:, G].reshape(K * D, *rest),
+            x[:, G + 1].reshape(K * D, *rest))
 
 
 def _assemble_layer(c: ModelConfig, i: int, read, place) -> dict[str, Any]:
@@ -288,16 +297,15 @@ def _assemble_layer(c: ModelConfig, i: int, read, place) -> dict[str, Any]:
     def put(path, x):
         return place((f"layer_{i}", *path), x)
 
-    E = c.hidden_size
+    E, F = c.hidden_size, c.intermediate_size
     attn = {
-        "qkv_weight": put(("attn", "qkv_weight"), _split_qkv(
+        "qkv_weight": put(("attn", "qkv_weight"), _fuse_qkv(
             c, r("self_attn.q_proj.weight"), r("self_attn.k_proj.weight"),
             r("self_attn.v_proj.weight"))),
-        "o_weight": put(("attn", "o_weight"), r("self_attn.o_proj.weight").reshape(
-            E, c.num_kv_heads, c.num_groups, c.head_dim)),
+        "o_weight": put(("attn", "o_weight"), r("self_attn.o_proj.weight")),
     }
     if c.qkv_bias:
-        attn["qkv_bias"] = put(("attn", "qkv_bias"), _split_qkv(
+        attn["qkv_bias"] = put(("attn", "qkv_bias"), _fuse_qkv(
             c, r("self_attn.q_proj.bias"), r("self_attn.k_proj.bias"), r("self_attn.v_proj.bias")))
     if c.qk_norm:
         attn["q_norm"] = {"scale": put(("attn", "q_norm", "scale"), r("self_attn.q_norm.weight"))}
@@ -309,7 +317,7 @@ def _assemble_layer(c: ModelConfig, i: int, read, place) -> dict[str, Any]:
                                       r("post_attention_layernorm.weight"))},
         "mlp": {
             "gate_up": put(("mlp", "gate_up"), np.stack(
-                [r("mlp.gate_proj.weight"), r("mlp.up_proj.weight")])),
+                [r("mlp.gate_proj.weight"), r("mlp.up_proj.weight")], axis=1).reshape(2 * F, E)),
             "down": put(("mlp", "down"), r("mlp.down_proj.weight")),
         },
     }
@@ -364,30 +372,29 @@ def assemble_params(config: ModelConfig, source, dtype=jnp.float32,
 def hf_tensors(config: ModelConfig, params) -> Iterator[tuple[str, np.ndarray]]:
     """The inverse of `assemble_params`: (HF name, numpy array) pairs, one at a time."""
     c = config
-    K, G, D, E = c.num_kv_heads, c.num_groups, c.head_dim, c.hidden_size
     host = lambda x: np.asarray(jax.device_get(x))  # noqa: E731
     yield "model.embed_tokens.weight", host(params["embedder"]["embedding"])
     for i in range(c.num_layers):
         lp = params[f"layer_{i}"]
         p = f"model.layers.{i}."
         yield p + "input_layernorm.weight", host(lp["pre_attn_norm"]["scale"])
-        qkv = host(lp["attn"]["qkv_weight"])
-        yield p + "self_attn.q_proj.weight", qkv[:, :G].reshape(K * G * D, E)
-        yield p + "self_attn.k_proj.weight", qkv[:, G].reshape(K * D, E)
-        yield p + "self_attn.v_proj.weight", qkv[:, G + 1].reshape(K * D, E)
+        q, k, v = _unfuse_qkv(c, host(lp["attn"]["qkv_weight"]))
+        yield p + "self_attn.q_proj.weight", q
+        yield p + "self_attn.k_proj.weight", k
+        yield p + "self_attn.v_proj.weight", v
         if c.qkv_bias:
-            b = host(lp["attn"]["qkv_bias"])
-            yield p + "self_attn.q_proj.bias", b[:, :G].reshape(-1)
-            yield p + "self_attn.k_proj.bias", b[:, G].reshape(-1)
-            yield p + "self_attn.v_proj.bias", b[:, G + 1].reshape(-1)
+            q, k, v = _unfuse_qkv(c, host(lp["attn"]["qkv_bias"]))
+            yield p + "self_attn.q_proj.bias", q
+            yield p + "self_attn.k_proj.bias", k
+            yield p + "self_attn.v_proj.bias", v
         if c.qk_norm:
             yield p + "self_attn.q_norm.weight", host(lp["attn"]["q_norm"]["scale"])
             yield p + "self_attn.k_norm.weight", host(lp["attn"]["k_norm"]["scale"])
-        yield p + "self_attn.o_proj.weight", host(lp["attn"]["o_weight"]).reshape(E, K * G * D)
+        yield p + "self_attn.o_proj.weight", host(lp["attn"]["o_weight"])
         yield p + "post_attention_layernorm.weight", host(lp["pre_mlp_norm"]["scale"])
-        gu = host(lp["mlp"]["gate_up"])
-        yield p + "mlp.gate_proj.weight", gu[0]
-        yield p + "mlp.up_proj.weight", gu[1]
+        gu = host(lp["mlp"]["gate_up"]).reshape(c.intermediate_size, 2, c.hidden_size)
+        yield p + "mlp.gate_proj.weight", gu[:, 0]
+        yield p + "mlp.up_proj.weight", gu[:, 1]
         yield p + "mlp.down_proj.weight", host(lp["mlp"]["down"])
     yield "model.norm.weight", host(params["final_norm"]["scale"])
     if not c.tie_word_embeddings:

@@ -1,0 +1,135 @@
+"""Decode throughput: this sampler vs Hugging Face `generate`, SmolLM2-135M, on this machine.
+
+    python benchmarks/decode.py [--batches 1 8 32] [--new-tokens 128] [--prompt-tokens 40]
+
+For each batch size: tokens/s of the jitted sampler (bfloat16 weights, greedy, no early stop)
+and of `transformers` `generate` in float32 and bfloat16 (the better one is the peer), their
+ratio, our compile time (first call minus a warm call), and the fraction of the memory-bandwidth
+floor reached: bytes one decode step must read (every weight once + the KV cache) divided by
+the bandwidth measured here with a jitted read, over the measured step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from zerosearch_jax import models, sampling  # noqa: E402
+from zerosearch_jax.sampling import StopConditions  # noqa: E402
+
+
+def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of a jitted float32 read of a buffer larger than the caches."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: jnp.sum(a))
+    f(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return nbytes / min(times)
+
+
+def ours(config, params, prompts, new_tokens, repeats):
+    stop = StopConditions(pad_id=2)  # no EOS: every row generates exactly new_tokens
+    t = time.perf_counter()
+    out = sampling.generate(config, params, prompts, max_new_tokens=new_tokens, stop=stop)
+    first = time.perf_counter() - t
+    assert (out["lengths"] == new_tokens).all()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sampling.generate(config, params, prompts, max_new_tokens=new_tokens, stop=stop)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), first - statistics.median(times)
+
+
+def hf(model, prompts, new_tokens, repeats):
+    import torch
+
+    ids = torch.tensor(prompts, dtype=torch.long)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              pad_token_id=2, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        model.generate(ids, **kw)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            out = model.generate(ids, **kw)
+            times.append(time.perf_counter() - t)
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+
+    config, params = models.load_pretrained(models.DEFAULT_MODEL, dtype=jnp.bfloat16)
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    bandwidth = measure_bandwidth()
+    print(f"device: {jax.devices()[0].device_kind}, threads: {os.cpu_count()}, "
+          f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s, weights {param_bytes / 1e6:.0f} MB")
+
+    hf_models = {}
+    if not args.no_hf:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from zerosearch_jax.models.hub import embedded_model_path
+
+        path = embedded_model_path(models.DEFAULT_MODEL)
+        for dtype in (torch.float32, torch.bfloat16):
+            hf_models[str(dtype).split(".")[-1]] = AutoModelForCausalLM.from_pretrained(
+                os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype).eval()
+
+    rng = np.random.default_rng(0)
+    rows = []
+    header = (f"{'batch':>5} {'ours tok/s':>10} {'compile s':>9} {'step ms':>8} {'floor %':>7} "
+              + " ".join(f"{'hf ' + k + ' tok/s':>16}" for k in hf_models)
+              + (f" {'ours/best hf':>12}" if hf_models else ""))
+    print(header)
+    for B in args.batches:
+        prompts = rng.integers(100, config.vocab_size, (B, args.prompt_tokens)).tolist()
+        t, compile_s = ours(config, params, prompts, args.new_tokens, args.repeats)
+        tps = B * args.new_tokens / t
+        step = t / args.new_tokens
+        S = sampling.bucket_length(args.prompt_tokens) + args.new_tokens
+        kv_bytes = (2 * config.num_layers * sampling.bucket_batch(B) * S * config.num_kv_heads
+                    * config.head_dim * 2)
+        floor = (param_bytes + kv_bytes) / bandwidth
+        row = dict(batch=B, ours_tok_s=tps, compile_s=compile_s, step_ms=1e3 * step,
+                   floor_ms=1e3 * floor, floor_fraction=floor / step)
+        for k, m in hf_models.items():
+            row[f"hf_{k}_tok_s"] = B * args.new_tokens / hf(m, prompts, args.new_tokens,
+                                                             args.repeats)
+        if hf_models:
+            row["ratio_vs_best_hf"] = tps / max(row[f"hf_{k}_tok_s"] for k in hf_models)
+        rows.append(row)
+        print(f"{B:>5} {tps:>10.1f} {compile_s:>9.1f} {1e3 * step:>8.1f} "
+              f"{100 * floor / step:>6.0f}% "
+              + " ".join(f"{row[f'hf_{k}_tok_s']:>16.1f}" for k in hf_models)
+              + (f" {row['ratio_vs_best_hf']:>11.2f}x" if hf_models else ""), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(bandwidth_gb_s=bandwidth / 1e9, rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
