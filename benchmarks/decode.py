@@ -71,6 +71,25 @@ def hf(model, prompts, new_tokens, repeats):
     return statistics.median(times)
 
 
+def load_hf_peers(config, params) -> dict:
+    """The same weights as a dense HF safetensors model (what users serve), in float32 and
+    bfloat16. (transformers' own GGUF loader may keep the weights quantized, which is not the
+    usual serving path, so the peer is built from an export instead.)"""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        f32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+        models.save_pretrained(config, f32, d)
+        for dtype in (torch.float32, torch.bfloat16):
+            out[str(dtype).split(".")[-1]] = AutoModelForCausalLM.from_pretrained(
+                d, dtype=dtype).eval()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -89,16 +108,7 @@ def main():
 
     hf_models = {}
     if not args.no_hf:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from zerosearch_jax.models.hub import embedded_model_path
-
-        path = embedded_model_path(models.DEFAULT_MODEL)
-        for dtype in (torch.float32, torch.bfloat16):
-            hf_models[str(dtype).split(".")[-1]] = AutoModelForCausalLM.from_pretrained(
-                os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype).eval()
-
+        hf_models = load_hf_peers(config, params)
     rng = np.random.default_rng(0)
     rows = []
     header = (f"{'batch':>5} {'ours tok/s':>10} {'compile s':>9} {'step ms':>8} {'floor %':>7} "

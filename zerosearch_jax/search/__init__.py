@@ -4,6 +4,7 @@
 - `corpus`: Search-R1 jsonl passages and the offline Wikipedia summaries.
 - `bm25`: the local lexical engine (`bm25s`), with index save/load.
 - `http`: clients for the Search-R1 retriever, the ZeroSearch wiki server and SerpAPI.
+- `simulator`: the LLM simulator (in process, or an OpenAI-compatible server) of ZeroSearch.
 - `server`: `zerosearch-retrieval-server`, a BM25 index behind the Search-R1 `/retrieve` API
   (not imported here, so `python -m zerosearch_jax.search.server` runs it cleanly).
 
@@ -43,8 +44,18 @@ from zerosearch_jax.search.http import (
     SerpAPIClient,
     ZeroSearchWikiClient,
 )
+from zerosearch_jax.search.simulator import (
+    LLMSimulator,
+    SimulatorServerClient,
+    clean_simulator_output,
+    simulator_prompt,
+)
 
 __all__ = [
+    "LLMSimulator",
+    "SimulatorServerClient",
+    "clean_simulator_output",
+    "simulator_prompt",
     "ENGINES",
     "NO_INFORMATION",
     "BM25SearchEngine",

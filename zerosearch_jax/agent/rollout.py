@@ -1,0 +1,356 @@
+"""The multi-turn search rollout: policy turns, search calls, inserted documents (host loop).
+
+One KV cache per batch lives across all turns of an episode:
+
+    prefill(prompts) -> [decode a turn -> parse -> search -> extend(observations)] x max_turns
+                     -> decode the final turn
+
+- A turn samples up to `max_new_tokens` and stops right after `</search>` or `</answer>` (or
+  EOS); the sampled ids are kept as they are (upstream re-tokenized the cut text).
+- A turn is parsed as upstream: the first complete `<search>` / `<answer>` span wins; anything
+  else is invalid and gets the invalid-action message. An answer ends the episode.
+- All the batch's queries go to the engine in one call, each with its own trajectory's question
+  and gold answers (the simulator reads them; upstream mixed them up across the batch).
+- The information block (or the message) is tokenized, capped at `max_obs_tokens` (documents
+  are cut, the wrapper tags kept), and appended to the cache as one left-padded chunk.
+- After `max_turns` searches the final turn's search results are discarded and the episode ends.
+
+Device work is three jitted programs (prefill / append a chunk, decode a turn) on donated
+caches; everything else (text, parsing, engines) is host work between them. The design card's
+next step, one jitted program for a whole episode when the simulator runs in process, can reuse
+these pieces.
+
+The result is a `RolloutBatch` ready for RL: [B, T] arrays with the prompt left-padded to P and
+the response right-padded to R, a loss mask that is 1 exactly on the policy's sampled tokens, the
+sampling log-probs, and the F1 reward on the last policy token; plus host-side `EpisodeStats`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zerosearch_jax import models, rewards, sampling
+from zerosearch_jax.agent.template import (
+    INVALID_ACTION,
+    STOP_TAGS,
+    information_block,
+    parse_action,
+    policy_prompt,
+)
+from zerosearch_jax.data.qa import QAExample
+from zerosearch_jax.search.base import QueryContext, SearchEngine
+from zerosearch_jax.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Episode shape (REFERENCE section 2 defaults)."""
+
+    samples_per_prompt: int = 5  # n rollouts of each question (GRPO groups).
+    max_turns: int = 2  # searches allowed before the final turn.
+    max_new_tokens: int = 500  # per policy turn.
+    max_obs_tokens: int = 500  # per inserted observation, wrapper tags included.
+    max_prompt_tokens: int = 2048  # longer prompts are rejected with an error.
+    max_context_tokens: int = 4096  # an episode whose next turn could pass this ends.
+    chat_template: bool = True  # apply the tokenizer's chat template to the prompt.
+
+    def __post_init__(self):
+        for name in ("samples_per_prompt", "max_new_tokens", "max_obs_tokens",
+                     "max_prompt_tokens", "max_context_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_turns < 0:
+            raise ValueError(f"max_turns must be >= 0, got {self.max_turns}")
+
+
+@flax.struct.dataclass
+class RolloutBatch:
+    """Trajectories as [B, T] arrays, T = P + R (prompt left-padded, response right-padded).
+
+    tokens         [B, T] int32
+    attention_mask [B, T] bool    real tokens (prompt, policy turns, observations)
+    positions      [B, T] int32   RoPE positions counting real tokens only
+    loss_mask      [B, T] float32 1 exactly on tokens the policy sampled
+    logprobs       [B, T] float32 log-prob of each sampled token under the sampling distribution
+    rewards        [B, T] float32 the episode reward (F1) on its last policy token, 0 elsewhere
+    group          [B]    int32   index of the question (samples of one question share it)
+    """
+
+    tokens: Array
+    attention_mask: Array
+    positions: Array
+    loss_mask: Array
+    logprobs: Array
+    rewards: Array
+    group: Array
+    prompt_length: int = flax.struct.field(pytree_node=False)
+
+
+@dataclasses.dataclass
+class EpisodeStats:
+    """Per-episode host metadata ([B] arrays / lists) and the rollout's timings."""
+
+    answers: list[str | None]
+    responses: list[str]
+    f1: np.ndarray
+    em: np.ndarray
+    cover_em: np.ndarray
+    searches: np.ndarray
+    invalid_actions: np.ndarray
+    useful_calls: np.ndarray
+    noisy_calls: np.ndarray
+    truncated: np.ndarray
+    noise_probability: float | None
+    timings: dict[str, float]
+    generated_tokens: int
+
+    def summary(self) -> dict[str, float]:
+        """Batch means for logging."""
+        return {
+            "reward/f1": float(self.f1.mean()), "reward/em": float(self.em.mean()),
+            "reward/cover_em": float(self.cover_em.mean()),
+            "episode/searches": float(self.searches.mean()),
+            "episode/invalid_actions": float(self.invalid_actions.mean()),
+            "episode/useful_calls": float(self.useful_calls.mean()),
+            "episode/noisy_calls": float(self.noisy_calls.mean()),
+            "episode/truncated": float(self.truncated.mean()),
+            "episode/answered": float(np.mean([a is not None for a in self.answers])),
+            **{f"time/{k}": v for k, v in self.timings.items()},
+        }
+
+
+@dataclasses.dataclass
+class _Piece:
+    ids: np.ndarray  # [n] int32
+    policy: bool
+    logprobs: np.ndarray | None = None  # [n] float32 for policy pieces
+
+
+# Jitted once per shape; the caches are donated so every step updates them in place.
+_extend = jax.jit(models.extend, static_argnums=0, static_argnames=("last_only",),
+                  donate_argnames=("cache",))
+_decode = jax.jit(sampling.decode, static_argnums=0,
+                  static_argnames=("sampler", "max_new_tokens", "stop"), donate_argnums=(2,))
+
+
+def observation_ids(tokenizer: Tokenizer, text: str, cap: int) -> np.ndarray:
+    """Token ids of an observation, at most `cap`: an information block loses documents from
+    its end, never its wrapper tags; other text is cut at the end."""
+    head, sep, rest = text.partition("<information>")
+    if sep and "</information>" in rest:
+        body, _, tail = rest.rpartition("</information>")
+        head_ids = tokenizer.encode(head + "<information>")
+        tail_ids = tokenizer.encode("</information>" + tail)
+        room = max(cap - len(head_ids) - len(tail_ids), 0)
+        ids = head_ids + tokenizer.encode(body)[:room] + tail_ids
+    else:
+        ids = tokenizer.encode(text)
+    return np.asarray(ids[:cap], np.int32)
+
+
+def assemble_batch(prompts: Sequence[np.ndarray], pieces: Sequence[Sequence[_Piece]],
+                   episode_rewards: np.ndarray, group: np.ndarray, pad_id: int,
+                   prompt_length: int | None = None,
+                   response_length: int | None = None) -> RolloutBatch:
+    """Packs prompts and response pieces into a `RolloutBatch` (numpy arrays).
+
+    prompts[i]: the prompt ids of row i; pieces[i]: its response, in order. Lengths default to
+    the longest row, bucketed (`sampling.bucket_length`) so training compiles few shapes.
+    """
+    B = len(prompts)
+    responses = [np.concatenate([p.ids for p in row]) if row else np.zeros(0, np.int32)
+                 for row in pieces]
+    P = prompt_length or sampling.bucket_length(max(len(p) for p in prompts))
+    R = response_length or sampling.bucket_length(max(1, max(len(r) for r in responses)))
+    T = P + R
+    tokens = np.full((B, T), pad_id, np.int32)
+    attention = np.zeros((B, T), bool)
+    loss_mask = np.zeros((B, T), np.float32)
+    logprobs = np.zeros((B, T), np.float32)
+    token_rewards = np.zeros((B, T), np.float32)
+    for i in range(B):
+        p = prompts[i]
+        if len(p) > P or len(responses[i]) > R:
+            raise ValueError(f"row {i}: prompt {len(p)} / response {len(responses[i])} tokens do "
+                             f"not fit P={P} / R={R}")
+        tokens[i, P - len(p):P] = p
+        attention[i, P - len(p):P] = True
+        t = P
+        last_policy = -1
+        for piece in pieces[i]:
+            n = len(piece.ids)
+            tokens[i, t:t + n] = piece.ids
+            attention[i, t:t + n] = True
+            if piece.policy:
+                loss_mask[i, t:t + n] = 1.0
+                logprobs[i, t:t + n] = piece.logprobs
+                last_policy = t + n - 1 if n else last_policy
+            t += n
+        if last_policy >= 0:
+            token_rewards[i, last_policy] = episode_rewards[i]
+    positions = np.maximum(np.cumsum(attention, axis=1) - 1, 0).astype(np.int32)
+    return RolloutBatch(tokens=tokens, attention_mask=attention, positions=positions,
+                        loss_mask=loss_mask, logprobs=logprobs, rewards=token_rewards,
+                        group=np.asarray(group, np.int32), prompt_length=P)
+
+
+def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
+            examples: Sequence[QAExample], engine: SearchEngine, *,
+            rollout_config: RolloutConfig = RolloutConfig(),
+            sampler=sampling.TopP(0.95, temperature=1.0), rng: Array | int = 0,
+            noise_probability: float | None = None,
+            cache_dtype=None) -> tuple[RolloutBatch, EpisodeStats]:
+    """Runs `samples_per_prompt` episodes of every example and returns the RL batch.
+
+    noise_probability: the curriculum's value for this step, given to engines that have one
+    (the simulator); None leaves the engine as it is.
+    """
+    rc = rollout_config
+    if not examples:
+        raise ValueError("rollout needs at least one example")
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    if noise_probability is not None and hasattr(engine, "noise_probability"):
+        engine.noise_probability = noise_probability
+    t_start = time.perf_counter()
+    timings = dict.fromkeys(("policy_s", "search_s", "insert_s"), 0.0)
+
+    # Rows: every example repeated n times, grouped.
+    rows = [ex for ex in examples for _ in range(rc.samples_per_prompt)]
+    group = np.repeat(np.arange(len(examples)), rc.samples_per_prompt)
+    B = len(rows)
+    prompts = []
+    for ex in rows:
+        text = policy_prompt(ex.question)
+        ids = tokenizer.encode(tokenizer.chat_prompt(text) if rc.chat_template else text)
+        if len(ids) > rc.max_prompt_tokens:
+            raise ValueError(f"question {ex.id!r}: prompt has {len(ids)} tokens, more than "
+                             f"max_prompt_tokens={rc.max_prompt_tokens}")
+        prompts.append(np.asarray(ids, np.int32))
+
+    Bp = sampling.bucket_batch(B)
+    P = sampling.bucket_length(max(len(p) for p in prompts))
+    obs_cap = sampling.bucket_length(rc.max_obs_tokens)
+    N = rc.max_new_tokens
+    S = P + (rc.max_turns + 1) * N + rc.max_turns * obs_cap
+    cache_dtype = cache_dtype or jax.tree.leaves(params)[0].dtype
+    stop = sampling.StopConditions.for_tokenizer(tokenizer, STOP_TAGS)
+
+    ids = np.full((Bp, P), tokenizer.pad_id, np.int32)
+    mask = np.zeros((Bp, P), bool)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = p
+        mask[i, P - len(p):] = True
+    mask[B:, -1] = True  # batch-padding rows hold one dummy token
+    t0 = time.perf_counter()
+    cache = models.init_cache(config, Bp, S, cache_dtype)
+    logits, cache = _extend(config, params, ids, mask, cache, last_only=True)
+
+    done = np.arange(Bp) >= B
+    pieces: list[list[_Piece]] = [[] for _ in range(B)]
+    real_len = np.array([len(p) for p in prompts] + [0] * (Bp - B))
+    searches = np.zeros(B, np.int32)
+    invalid = np.zeros(B, np.int32)
+    useful_calls = np.zeros(B, np.int32)
+    noisy_calls = np.zeros(B, np.int32)
+    truncated = np.zeros(B, bool)
+    generated = 0
+    timings["policy_s"] += time.perf_counter() - t0
+
+    for turn in range(rc.max_turns + 1):
+        final = turn == rc.max_turns
+        too_long = ~done[:B] & (real_len[:B] + N > rc.max_context_tokens)
+        truncated |= too_long
+        done[:B] |= too_long
+        if done.all():
+            break
+        t0 = time.perf_counter()
+        out, cache = _decode(config, params, cache, logits, jax.random.fold_in(rng, turn),
+                             sampler=sampler, max_new_tokens=N, stop=stop,
+                             done=jnp.asarray(done))
+        toks, lps, lens = (np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths))
+        timings["policy_s"] += time.perf_counter() - t0
+
+        observations: dict[int, str] = {}
+        search_rows: list[int] = []
+        queries: list[str] = []
+        for i in np.flatnonzero(~done[:B]):
+            n = int(lens[i])
+            generated += n
+            real_len[i] += n
+            pieces[i].append(_Piece(toks[i, :n].copy(), True, lps[i, :n].copy()))
+            action = parse_action(tokenizer.decode(toks[i, :n]))
+            if action.kind == "search":
+                searches[i] += 1
+            if action.kind == "answer" or final:
+                done[i] = True
+            elif action.kind == "search":
+                search_rows.append(i)
+                queries.append(action.content)
+            else:
+                invalid[i] += 1
+                observations[i] = INVALID_ACTION
+        if final:
+            break
+
+        if queries:
+            t0 = time.perf_counter()
+            contexts = [QueryContext(rows[i].question, rows[i].golden_answers)
+                        for i in search_rows]
+            results = engine.search(queries, contexts=contexts)
+            for i, res in zip(search_rows, results, strict=True):
+                observations[i] = information_block(res.text)
+                useful = res.metadata.get("useful")
+                useful_calls[i] += useful is True
+                noisy_calls[i] += useful is False
+            timings["search_s"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        obs_ids = {i: observation_ids(tokenizer, text, rc.max_obs_tokens)
+                   for i, text in observations.items()}
+        width = sampling.bucket_length(max((len(v) for v in obs_ids.values()), default=1))
+        chunk = np.full((Bp, width), tokenizer.pad_id, np.int32)
+        chunk_mask = np.zeros((Bp, width), bool)
+        for i, o in obs_ids.items():
+            chunk[i, width - len(o):] = o
+            chunk_mask[i, width - len(o):] = True
+            pieces[i].append(_Piece(o, False))
+            real_len[i] += len(o)
+        # Rows that are done contribute masked padding; their next logits are unused.
+        logits, cache = _extend(config, params, chunk, chunk_mask, cache, last_only=True)
+        timings["insert_s"] += time.perf_counter() - t0
+
+    # The answer is read from the policy's own turns only: the prompt's example answer and the
+    # inserted text (the invalid-action message itself contains "<answer> and </answer>") never
+    # count.
+    responses = [tokenizer.decode(np.concatenate([p.ids for p in row])) if row else ""
+                 for row in pieces]
+    policy_texts = [tokenizer.decode(np.concatenate([p.ids for p in row if p.policy]))
+                    if row else "" for row in pieces]
+    scores = [rewards.score_response(t, ex.golden_answers)
+              for t, ex in zip(policy_texts, rows, strict=True)]
+    f1 = np.array([s["f1"] for s in scores], np.float32)
+    batch = assemble_batch(prompts, pieces, f1, group, tokenizer.pad_id)
+    timings["total_s"] = time.perf_counter() - t_start
+    stats = EpisodeStats(
+        answers=[s["answer"] for s in scores], responses=responses, f1=f1,
+        em=np.array([s["em"] for s in scores], np.float32),
+        cover_em=np.array([s["cover_em"] for s in scores], np.float32),
+        searches=searches, invalid_actions=invalid, useful_calls=useful_calls,
+        noisy_calls=noisy_calls, truncated=truncated, noise_probability=(
+            getattr(engine, "noise_probability", None) if noise_probability is None
+            else noise_probability),
+        timings=timings, generated_tokens=generated)
+    return batch, stats
+

@@ -1,0 +1,248 @@
+"""The simulated search engine: an LLM that writes the documents (REFERENCE section 3).
+
+Two back-ends share the prompt, the useful/noisy coin flip and the output clean-up:
+- `LLMSimulator`: any model `models.load_pretrained` reads, in process, on the jitted sampler;
+- `SimulatorServerClient`: an OpenAI-compatible chat endpoint (upstream serves a 14B simulator
+  with SGLang), with the HTTP clients' timeouts, retries and `NO_INFORMATION` on failure.
+
+Each query carries its own trajectory's question and gold answer in its `QueryContext`
+(upstream paired the k-th query of a turn with the k-th question of the whole batch). One coin
+flip per query decides useful vs noisy for all its documents: useful iff uniform() > p_noise,
+where p_noise is the curriculum's current value (`noise_probability`, set by the trainer).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from zerosearch_jax.search.base import (
+    QueryContext,
+    SearchEngine,
+    SearchResult,
+    register_engine,
+)
+from zerosearch_jax.search.http import (
+    HTTPSearchEngine,
+    ProtocolError,
+    RetryPolicy,
+    SearchBackendError,
+)
+
+logger = logging.getLogger(__name__)
+
+# The fine-tuned simulator's prompt. Interface constant: the released Simulation_LLM
+# checkpoints were tuned on exactly this text ("useful" -> "noisy" in the noisy variant).
+FINETUNED_TEMPLATE = (
+    "You are the Google search engine.\n"
+    "Given a query, you need to generate five {kind} documents for the query.\n\n"
+    'The user is trying to answer the question: "{question}" whose answer is {answer}.\n'
+    "Each document should contain about 30 words, and these documents should contain {kind} "
+    "information.\n\n"
+    "Query: {query}\n"
+    "{Kind} Output:"
+)
+
+# The prompt-only variant (no SFT) adds a one-shot demonstration of the output format.
+_DEMO = (
+    "Here is an example.\n"
+    "Query: highest mountain in Africa\n"
+    "{Kind} Output:\n{demo}\n\n"
+)
+_DEMO_DOCS = {
+    "useful": (
+        "Doc 1: Mount Kilimanjaro in Tanzania is the highest mountain in Africa, rising 5,895 "
+        "metres above sea level with its summit Uhuru Peak on the Kibo cone.\n"
+        "Doc 2: Kilimanjaro is a dormant volcano and the tallest free-standing mountain in the "
+        "world; climbers usually reach Uhuru Peak in five to eight days.\n"
+        "Doc 3: Africa's highest peaks are Kilimanjaro (5,895 m), Mount Kenya (5,199 m) and "
+        "Mount Stanley (5,109 m) in the Rwenzori range.\n"
+        "Doc 4: The first recorded ascent of Kilimanjaro, Africa's tallest mountain, was made by "
+        "Hans Meyer and Ludwig Purtscheller in 1889.\n"
+        "Doc 5: Kilimanjaro National Park protects the highest mountain in Africa and its "
+        "glaciers, which have shrunk sharply over the past century."
+    ),
+    "noisy": (
+        "Doc 1: Africa has a wide range of landscapes, from deserts in the north to savannas and "
+        "rainforests further south, attracting many visitors each year.\n"
+        "Doc 2: Mountain climbing requires good preparation, warm clothing and acclimatisation "
+        "to altitude to avoid sickness on long ascents.\n"
+        "Doc 3: The Atlas Mountains stretch across Morocco, Algeria and Tunisia and are home to "
+        "Berber villages and cedar forests.\n"
+        "Doc 4: Many travel guides list the best times to visit East Africa, with dry seasons "
+        "from June to October being popular for safaris.\n"
+        "Doc 5: Volcanic activity has shaped several regions of the world, creating fertile "
+        "soils that support agriculture in many countries."
+    ),
+}
+
+SIMULATOR_VARIANTS = ("finetuned", "prompted")
+
+
+def simulator_prompt(query: str, context: QueryContext, useful: bool,
+                     variant: str = "finetuned") -> str:
+    """The user message asking for five useful or noisy documents for `query`."""
+    if variant not in SIMULATOR_VARIANTS:
+        raise ValueError(f"simulator variant must be one of {SIMULATOR_VARIANTS}, got {variant!r}")
+    kind = "useful" if useful else "noisy"
+    answer = context.golden_answers[0] if context.golden_answers else ""
+    text = FINETUNED_TEMPLATE.format(kind=kind, Kind=kind.capitalize(), query=query,
+                                     question=context.question, answer=answer)
+    if variant == "prompted":
+        head, _, tail = text.rpartition("\nQuery: ")
+        demo = _DEMO.format(Kind=kind.capitalize(), demo=_DEMO_DOCS[kind])
+        text = f"{head}\n{demo}Query: {tail}"
+    return text
+
+
+def clean_simulator_output(text: str, topk: int = 5) -> tuple[str, ...]:
+    """Upstream clean-up: blank lines collapsed, cut at `Doc {topk+1}`; one document a line."""
+    text = text.split(f"Doc {topk + 1}")[0]
+    lines = [line.strip() for line in re.split(r"\n+", text)]
+    return tuple(line for line in lines if line)
+
+
+class _SimulatorMixin:
+    """Shared by both back-ends: the coin flip, prompts and clean-up."""
+
+    name = "simulator"
+
+    def _init_simulator(self, *, variant: str, topk: int, noise_probability: float, seed: int):
+        if variant not in SIMULATOR_VARIANTS:
+            raise ValueError(
+                f"simulator variant must be one of {SIMULATOR_VARIANTS}, got {variant!r}")
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        self.variant = variant
+        self.topk = topk
+        self.noise_probability = noise_probability
+        self._coins = np.random.default_rng(seed)
+
+    @property
+    def noise_probability(self) -> float:
+        return self._noise
+
+    @noise_probability.setter
+    def noise_probability(self, p: float) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"noise_probability must be in [0, 1], got {p}")
+        self._noise = float(p)
+
+    def _plan(self, queries: Sequence[str], contexts: Sequence[QueryContext] | None):
+        """(useful flags, user prompts) for a batch; every query needs its own context."""
+        if contexts is None:
+            raise ValueError("the simulator needs a QueryContext (question, gold answers) "
+                             "for every query")
+        useful = [c.useful if c.useful is not None else bool(self._coins.uniform() > self._noise)
+                  for c in contexts]
+        prompts = [simulator_prompt(q, c, u, self.variant)
+                   for q, c, u in zip(queries, contexts, useful, strict=True)]
+        return useful, prompts
+
+    def _result(self, raw: str, useful: bool, prompt: str, latency_s: float) -> SearchResult:
+        docs = clean_simulator_output(raw, self.topk)
+        return SearchResult(documents=docs, ok=bool(docs), error=None if docs else "empty output",
+                            latency_s=latency_s,
+                            metadata={"useful": useful, "prompt": prompt, "raw": raw})
+
+
+class LLMSimulator(_SimulatorMixin, SearchEngine):
+    """An in-process simulator LLM on the jitted sampler.
+
+    config/params: any model `models.load_pretrained` reads; tokenizer: its `Tokenizer`.
+    Generation samples at `temperature` (0.8 upstream) for at most `max_new_tokens` (600) and
+    stops early once `Doc {topk+1}` appears, since everything after it is cut anyway.
+    `prime_reply` starts the assistant turn with `Doc 1:` (helps small prompted models keep the
+    format; the text is part of the output).
+    """
+
+    def __init__(self, config, params, tokenizer, *, variant: str = "finetuned", topk: int = 5,
+                 temperature: float = 0.8, max_new_tokens: int = 600,
+                 noise_probability: float = 0.0, prime_reply: bool = False, seed: int = 0):
+        SearchEngine.__init__(self)
+        self._init_simulator(variant=variant, topk=topk, noise_probability=noise_probability,
+                             seed=seed)
+        import jax
+
+        from zerosearch_jax import sampling
+
+        self.config, self.params, self.tokenizer = config, params, tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.prime_reply = prime_reply
+        self._sampler = sampling.Temperature(temperature)
+        self._stop = sampling.StopConditions.for_tokenizer(tokenizer, [f"Doc {topk + 1}"])
+        self._key = jax.random.key(seed)
+        self._calls = 0
+
+    def _search(self, queries, contexts):
+        import jax
+
+        from zerosearch_jax import sampling
+
+        start = time.perf_counter()
+        useful, prompts = self._plan(queries, contexts)
+        prefix = "Doc 1:" if self.prime_reply else ""
+        texts = [self.tokenizer.chat_prompt(p, system="") + prefix for p in prompts]
+        self._calls += 1
+        out = sampling.generate(
+            self.config, self.params, [self.tokenizer.encode(t) for t in texts], self._sampler,
+            max_new_tokens=self.max_new_tokens, stop=self._stop,
+            rng=jax.random.fold_in(self._key, self._calls))
+        latency = (time.perf_counter() - start) / len(queries)
+        return [self._result(prefix + self.tokenizer.decode(row[:n]), u, p, latency)
+                for row, n, u, p in zip(out["tokens"], out["lengths"], useful, prompts,
+                                        strict=True)]
+
+
+class SimulatorServerClient(_SimulatorMixin, HTTPSearchEngine):
+    """A simulator behind an OpenAI-compatible `/v1/chat/completions` endpoint (SGLang, vLLM).
+
+    url: the server root, e.g. `http://10.0.0.2:30000`; model: the served model name.
+    """
+
+    def __init__(self, url: str, model: str = "default", *, variant: str = "finetuned",
+                 topk: int = 5, temperature: float = 0.8, max_new_tokens: int = 600,
+                 noise_probability: float = 0.0, seed: int = 0, api_key: str | None = None,
+                 retry: RetryPolicy | None = None, max_workers: int = 16):
+        HTTPSearchEngine.__init__(self, topk=topk, retry=retry, max_workers=max_workers)
+        self._init_simulator(variant=variant, topk=topk, noise_probability=noise_probability,
+                             seed=seed)
+        self.url = url.rstrip("/") + "/v1/chat/completions"
+        self.model, self.temperature, self.max_new_tokens = model, temperature, max_new_tokens
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def _search(self, queries, contexts):
+        useful, prompts = self._plan(queries, contexts)
+        with ThreadPoolExecutor(min(self.max_workers, len(queries))) as pool:
+            return list(pool.map(self._one, useful, prompts))
+
+    def _one(self, useful: bool, prompt: str) -> SearchResult:
+        start = time.perf_counter()
+        body = {"model": self.model, "temperature": self.temperature,
+                "max_tokens": self.max_new_tokens,
+                "messages": [{"role": "system", "content": ""},
+                             {"role": "user", "content": prompt}]}
+        try:
+            raw = self._request("POST", self.url, _parse_chat, json=body, headers=self._headers)
+        except SearchBackendError as e:
+            return self._failed([prompt], str(e), time.perf_counter() - start)[0]
+        return self._result(raw, useful, prompt, time.perf_counter() - start)
+
+
+def _parse_chat(payload) -> str:
+    try:
+        content = payload["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise ProtocolError(f"no choices[0].message.content in {str(payload)[:200]}") from None
+    if not isinstance(content, str):
+        raise ProtocolError(f"message content is {type(content).__name__}, not a string")
+    return content
+
+
+register_engine("simulator", LLMSimulator)
+register_engine("simulator_server", SimulatorServerClient)
