@@ -106,7 +106,8 @@ class EpisodeStats:
     f1: np.ndarray
     em: np.ndarray
     cover_em: np.ndarray
-    searches: np.ndarray
+    searches: np.ndarray  # searches the policy issued (final-turn ones included)
+    engine_calls: np.ndarray  # searches sent to the engine (final-turn ones are not)
     invalid_actions: np.ndarray
     useful_calls: np.ndarray
     noisy_calls: np.ndarray
@@ -121,6 +122,7 @@ class EpisodeStats:
             "reward/f1": float(self.f1.mean()), "reward/em": float(self.em.mean()),
             "reward/cover_em": float(self.cover_em.mean()),
             "episode/searches": float(self.searches.mean()),
+            "episode/engine_calls": float(self.engine_calls.mean()),
             "episode/invalid_actions": float(self.invalid_actions.mean()),
             "episode/useful_calls": float(self.useful_calls.mean()),
             "episode/noisy_calls": float(self.noisy_calls.mean()),
@@ -138,10 +140,17 @@ class _Piece:
 
 
 # Jitted once per shape; the caches are donated so every step updates them in place.
-_extend = jax.jit(models.extend, static_argnums=0, static_argnames=("last_only",),
+_extend = jax.jit(models.extend, static_argnums=0, static_argnames=("last_only", "kv_length"),
                   donate_argnames=("cache",))
 _decode = jax.jit(sampling.decode, static_argnums=0,
-                  static_argnames=("sampler", "max_new_tokens", "stop"), donate_argnums=(2,))
+                  static_argnames=("sampler", "max_new_tokens", "stop", "kv_length"),
+                  donate_argnums=(2,))
+_WINDOW = 128  # attention windows are rounded up to this many slots (few compiled shapes)
+
+
+def _window(used: int, extra: int, total: int) -> int:
+    """Static attention window for a chunk of `extra` tokens after `used` filled slots."""
+    return min(total, -(-(used + extra) // _WINDOW) * _WINDOW)
 
 
 def observation_ids(tokenizer: Tokenizer, text: str, cap: int) -> np.ndarray:
@@ -255,12 +264,18 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
     mask[B:, -1] = True  # batch-padding rows hold one dummy token
     t0 = time.perf_counter()
     cache = models.init_cache(config, Bp, S, cache_dtype)
-    logits, cache = _extend(config, params, ids, mask, cache, last_only=True)
+    logits, cache = _extend(config, params, ids, mask, cache, last_only=True,
+                            kv_length=_window(0, P, S))
+    # An upper bound of the filled slots that depends only on the turn (a decode may stop early;
+    # an observation chunk is at most obs_cap wide), so each turn's attention window, and with it
+    # the compiled program, is the same at every training step.
+    used = P
 
     done = np.arange(Bp) >= B
     pieces: list[list[_Piece]] = [[] for _ in range(B)]
     real_len = np.array([len(p) for p in prompts] + [0] * (Bp - B))
     searches = np.zeros(B, np.int32)
+    engine_calls = np.zeros(B, np.int32)
     invalid = np.zeros(B, np.int32)
     useful_calls = np.zeros(B, np.int32)
     noisy_calls = np.zeros(B, np.int32)
@@ -278,8 +293,9 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
         t0 = time.perf_counter()
         out, cache = _decode(config, params, cache, logits, jax.random.fold_in(rng, turn),
                              sampler=sampler, max_new_tokens=N, stop=stop,
-                             done=jnp.asarray(done))
+                             done=jnp.asarray(done), kv_length=_window(used, N, S))
         toks, lps, lens = (np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths))
+        used += N
         timings["policy_s"] += time.perf_counter() - t0
 
         observations: dict[int, str] = {}
@@ -296,6 +312,7 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
             if action.kind == "answer" or final:
                 done[i] = True
             elif action.kind == "search":
+                engine_calls[i] += 1
                 search_rows.append(i)
                 queries.append(action.content)
             else:
@@ -328,7 +345,9 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
             pieces[i].append(_Piece(o, False))
             real_len[i] += len(o)
         # Rows that are done contribute masked padding; their next logits are unused.
-        logits, cache = _extend(config, params, chunk, chunk_mask, cache, last_only=True)
+        logits, cache = _extend(config, params, chunk, chunk_mask, cache, last_only=True,
+                                kv_length=_window(used, obs_cap, S))
+        used += obs_cap
         timings["insert_s"] += time.perf_counter() - t0
 
     # The answer is read from the policy's own turns only: the prompt's example answer and the
@@ -347,8 +366,8 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
         answers=[s["answer"] for s in scores], responses=responses, f1=f1,
         em=np.array([s["em"] for s in scores], np.float32),
         cover_em=np.array([s["cover_em"] for s in scores], np.float32),
-        searches=searches, invalid_actions=invalid, useful_calls=useful_calls,
-        noisy_calls=noisy_calls, truncated=truncated, noise_probability=(
+        searches=searches, engine_calls=engine_calls, invalid_actions=invalid,
+        useful_calls=useful_calls, noisy_calls=noisy_calls, truncated=truncated, noise_probability=(
             getattr(engine, "noise_probability", None) if noise_probability is None
             else noise_probability),
         timings=timings, generated_tokens=generated)

@@ -132,8 +132,10 @@ class Attention(nn.Module):
         """x [B, T, E] f32; sin/cos [B, T, D/2]; attn_mask [B, T, S] bool.
 
         kv: optional (k, v) cache [B, K, S, D]; the chunk's keys/values are written at slots
-        [write_index, write_index + T) and attention runs over all S slots. Without a cache,
-        S = T. Returns (y [B, T, E] f32, new (k, v) or None).
+        [write_index, write_index + T) and attention runs over the first W slots, W =
+        attn_mask.shape[-1] <= S (a static window: a long preallocated cache whose tail is
+        still empty costs nothing to read). Without a cache, W = T.
+        Returns (y [B, T, E] f32, new (k, v) or None).
         """
         c = self.config
         K, G, D, E = c.num_kv_heads, c.num_groups, c.head_dim, c.hidden_size
@@ -158,7 +160,9 @@ class Attention(nn.Module):
         if kv is not None:
             start = (0, 0, write_index, 0)
             ck, cv = (_write_slots(c_, x, start) for c_, x in zip(kv, (k, v), strict=True))
-            k, v, new_kv = ck, cv, (ck, cv)
+            new_kv = (ck, cv)
+            W = attn_mask.shape[-1]
+            k, v = ck[:, :, :W], cv[:, :, :W]
 
         # Canonical batched matmuls ([B, K] batch dims leading, queries of a group flattened
         # to Q = G * T): XLA:CPU runs these on its fast path without transposing the cache.
@@ -387,7 +391,8 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int,
 
 
 def extend(config: ModelConfig, params, tokens: Array, token_mask: Array, cache: KVCache, *,
-           last_only: bool = False, return_hidden: bool = False, dtype=None):
+           last_only: bool = False, return_hidden: bool = False, dtype=None,
+           kv_length: int | None = None):
     """Appends a chunk of tokens to the cache and runs the model on it. Pure; jit it.
 
     tokens [B, T] int32; token_mask [B, T] bool (False = padding, not attended to, does not
@@ -395,14 +400,16 @@ def extend(config: ModelConfig, params, tokens: Array, token_mask: Array, cache:
     index + T <= S (XLA clamps out-of-range writes). Returns (out, new_cache) where out is
     logits [B, T, V] float32, or [B, V] for the chunk's last slot if last_only (with
     left-padded chunks that is every row's last token), or hidden states if return_hidden.
+    kv_length (static): attend over the first kv_length slots only; the caller keeps
+    index + T <= kv_length. Default: all S slots.
     """
     T = tokens.shape[1]
-    S = cache.max_length
+    S = kv_length or cache.max_length
     token_mask = token_mask.astype(bool)
     positions = positions_from_mask(token_mask, cache.next_position)
     key_mask = jax.lax.dynamic_update_slice(cache.key_mask, token_mask, (0, cache.index))
     query_slot = cache.index + jnp.arange(T)
-    attn_mask = key_mask[:, None, :] & (jnp.arange(S)[None, None, :] <= query_slot[None, :, None])
+    attn_mask = key_mask[:, None, :S] & (jnp.arange(S)[None, None, :] <= query_slot[None, :, None])
     out, kv = Transformer(config, dtype=dtype).apply(
         {"params": params}, tokens, positions, attn_mask, tuple(zip(cache.k, cache.v, strict=True)),
         cache.index, return_hidden=return_hidden, last_only=last_only)

@@ -91,13 +91,16 @@ class _LoopState:
 
 def decode(config: ModelConfig, params, cache: KVCache, logits: Array, rng: Array, *,
            sampler, max_new_tokens: int, stop: StopConditions,
-           done: Array | None = None) -> tuple[GenerationOutput, KVCache]:
+           done: Array | None = None,
+           kv_length: int | None = None) -> tuple[GenerationOutput, KVCache]:
     """Samples up to `max_new_tokens` per row from `logits` [B, V] and a primed cache.
 
     done [B] bool marks rows that must not generate (batch padding, finished episodes).
     Every sampled token is appended to the cache (masked for finished rows), so on return the
     cache holds prompt + generation and can be extended by the caller. Jit with `config`,
-    `sampler`, `max_new_tokens`, `stop` static and the cache donated.
+    `sampler`, `max_new_tokens`, `stop`, `kv_length` static and the cache donated.
+    kv_length: attend over the first kv_length cache slots only (>= index + max_new_tokens);
+    a multi-turn caller passes its current fill rounded up so empty slots are not read.
     """
     B = logits.shape[0]
     N = max_new_tokens
@@ -119,7 +122,7 @@ def decode(config: ModelConfig, params, cache: KVCache, logits: Array, rng: Arra
         recent = jnp.concatenate([s.recent[:, 1:], token[:, None]], axis=1)
         hit = active & stop.hit(token, recent)
         next_logits, cache = extend(config, params, token[:, None], active[:, None], s.cache,
-                                    last_only=True)
+                                    last_only=True, kv_length=kv_length)
         return _LoopState(
             step=s.step + 1,
             tokens=jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step)),

@@ -32,6 +32,7 @@ from zerosearch_jax.search.http import (
     ProtocolError,
     RetryPolicy,
     SearchBackendError,
+    _check_url,
 )
 
 logger = logging.getLogger(__name__)
@@ -91,13 +92,14 @@ def simulator_prompt(query: str, context: QueryContext, useful: bool,
         raise ValueError(f"simulator variant must be one of {SIMULATOR_VARIANTS}, got {variant!r}")
     kind = "useful" if useful else "noisy"
     answer = context.golden_answers[0] if context.golden_answers else ""
-    text = FINETUNED_TEMPLATE.format(kind=kind, Kind=kind.capitalize(), query=query,
-                                     question=context.question, answer=answer)
+    template = FINETUNED_TEMPLATE
     if variant == "prompted":
-        head, _, tail = text.rpartition("\nQuery: ")
-        demo = _DEMO.format(Kind=kind.capitalize(), demo=_DEMO_DOCS[kind])
-        text = f"{head}\n{demo}Query: {tail}"
-    return text
+        # The demo goes in before the query line of the *template*: cutting the formatted text
+        # at its last "\nQuery: " would cut inside a query that itself contains that string.
+        head, _, tail = template.partition("\nQuery: {query}")
+        template = f"{head}\n{_DEMO}Query: {{query}}{tail}"
+    return template.format(kind=kind, Kind=kind.capitalize(), query=query,
+                           question=context.question, answer=answer, demo=_DEMO_DOCS[kind])
 
 
 def clean_simulator_output(text: str, topk: int = 5) -> tuple[str, ...]:
@@ -178,6 +180,7 @@ class LLMSimulator(_SimulatorMixin, SearchEngine):
         self._stop = sampling.StopConditions.for_tokenizer(tokenizer, [f"Doc {topk + 1}"])
         self._key = jax.random.key(seed)
         self._calls = 0
+        self.generated_tokens = 0  # tokens the simulator sampled, for throughput reports
 
     def _search(self, queries, contexts):
         import jax
@@ -194,6 +197,7 @@ class LLMSimulator(_SimulatorMixin, SearchEngine):
             max_new_tokens=self.max_new_tokens, stop=self._stop,
             rng=jax.random.fold_in(self._key, self._calls))
         latency = (time.perf_counter() - start) / len(queries)
+        self.generated_tokens += int(out["lengths"].sum())
         return [self._result(prefix + self.tokenizer.decode(row[:n]), u, p, latency)
                 for row, n, u, p in zip(out["tokens"], out["lengths"], useful, prompts,
                                         strict=True)]
@@ -212,7 +216,7 @@ class SimulatorServerClient(_SimulatorMixin, HTTPSearchEngine):
         HTTPSearchEngine.__init__(self, topk=topk, retry=retry, max_workers=max_workers)
         self._init_simulator(variant=variant, topk=topk, noise_probability=noise_probability,
                              seed=seed)
-        self.url = url.rstrip("/") + "/v1/chat/completions"
+        self.url = _check_url(url).rstrip("/") + "/v1/chat/completions"
         self.model, self.temperature, self.max_new_tokens = model, temperature, max_new_tokens
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
