@@ -125,6 +125,11 @@ class _SimulatorMixin:
         self.noise_probability = noise_probability
         self._coins = np.random.default_rng(seed)
 
+    def reseed(self, seed: int) -> None:
+        """Restarts the coin flips from `seed`. The trainer reseeds every step, so a run resumed
+        from a checkpoint replays exactly the documents an uninterrupted run would have seen."""
+        self._coins = np.random.default_rng(seed)
+
     @property
     def noise_probability(self) -> float:
         return self._noise
@@ -181,6 +186,12 @@ class LLMSimulator(_SimulatorMixin, SearchEngine):
         self._key = jax.random.key(seed)
         self._calls = 0
         self.generated_tokens = 0  # tokens the simulator sampled, for throughput reports
+
+    def reseed(self, seed: int) -> None:
+        import jax
+
+        super().reseed(seed)
+        self._key, self._calls = jax.random.key(seed), 0
 
     def _search(self, queries, contexts):
         import jax

@@ -1,0 +1,108 @@
+"""The embedded default: ZeroSearch on the synthetic world with SmolLM2-135M-Instruct.
+
+Policy and simulator are the embedded SmolLM2-135M-Instruct (no hub needed); training questions
+come from the synthetic knowledge world, whose answers no model knows without searching;
+validation uses a real engine (BM25 over the world's passages). Sized to finish on a 2-core
+CPU in well under 20 minutes:
+
+    python -m zerosearch_jax.train --config=configs/default.py --workdir=runs/default
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # every random choice (data order, sampling, coin flips) derives from it.
+    c.total_steps = 16  # RL steps (upstream: 203).
+
+    # -- models -------------------------------------------------------------------------------
+    c.policy = "smollm2-135m-instruct"  # embedded name, HF dir, .gguf file or hub id.
+    c.tokenizer = ""  # defaults to the policy's.
+    c.param_dtype = "bfloat16"  # float32 | bfloat16 (matmuls accumulate in float32 either way).
+    c.remat = True  # rematerialize blocks in the backward pass.
+
+    # -- data ---------------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "synthetic:train"  # synthetic:<split> | file.jsonl | file.parquet | hf:id:config
+    c.data.validation = "synthetic:validation"
+    c.data.synthetic_seed = 0  # seed of the synthetic world.
+    c.data.validation_size = 24  # questions used for validation (fixed sample).
+    c.data.on_error = "skip"  # malformed rows: skip (logged) or raise.
+
+    # -- rollout --------------------------------------------------------------------------------
+    c.prompts_per_step = 4  # questions per RL step (upstream: 64).
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.samples_per_prompt = 4  # rollouts per question (upstream: 5).
+    c.rollout.max_turns = 2  # searches before the final answer turn.
+    c.rollout.max_new_tokens = 64  # per policy turn (upstream: 500).
+    c.rollout.max_obs_tokens = 192  # per inserted observation (upstream: 500).
+    c.rollout.max_prompt_tokens = 2048
+    c.rollout.max_context_tokens = 4096
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 0.95
+
+    # -- simulated search engine used for training --------------------------------------------
+    c.simulator = ml_collections.ConfigDict()
+    c.simulator.kind = "llm"  # llm (in process) | server (OpenAI-compatible) | bm25 | searchr1
+    c.simulator.model = "smollm2-135m-instruct"  # llm: model of the simulator.
+    c.simulator.url = ""  # server / searchr1: endpoint.
+    c.simulator.variant = "prompted"  # finetuned | prompted (no SFT: one-shot demo).
+    c.simulator.prime_reply = True  # start the reply with "Doc 1:" (small prompted models).
+    c.simulator.max_new_tokens = 128  # upstream: 600.
+    c.simulator.temperature = 0.8
+    c.simulator.topk = 5
+
+    # -- curriculum -----------------------------------------------------------------------------
+    c.curriculum = ml_collections.ConfigDict()
+    c.curriculum.schedule = "exponential"  # exponential | linear | constant
+    c.curriculum.start = 0.0  # p_noise at the first step.
+    c.curriculum.end = 0.5  # p_noise at the last step.
+    c.curriculum.base = 4.0
+
+    # -- algorithm ------------------------------------------------------------------------------
+    c.algorithm = ml_collections.ConfigDict()
+    c.algorithm.estimator = "grpo"  # reinforce | grpo | gae (PPO) | reinforce_pp
+    c.algorithm.ppo_epochs = 1
+    c.algorithm.num_minibatches = 1
+    c.algorithm.micro_batch_size = 4
+    c.algorithm.clip_low = 0.2
+    c.algorithm.clip_high = 0.2
+    c.algorithm.entropy_coef = 0.001
+    c.algorithm.kl_coef = 0.001
+    c.algorithm.kl_estimator = "low_var_kl"  # k1 | abs | mse | low_var_kl
+    c.algorithm.use_kl_loss = True
+    c.algorithm.kl_in_reward = False  # PPO upstream: KL in the reward instead.
+    c.algorithm.upstream_kl_sign = False  # True reproduces upstream's subtracted KL (a bug).
+    c.algorithm.gamma = 1.0
+    c.algorithm.lam = 1.0
+    c.algorithm.value_clip = 0.5
+
+    # -- optimizer ------------------------------------------------------------------------------
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-6
+    c.optim.warmup_ratio = 0.0  # upstream: 0.95 (REINFORCE/GRPO), 0.285 (PPO actor).
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip = 1.0
+    c.optim.critic_lr = 1e-5
+    c.optim.critic_warmup_ratio = 0.0
+
+    # -- validation, logging, checkpoints --------------------------------------------------------
+    c.validation = ml_collections.ConfigDict()
+    c.validation.every = 8  # steps; also before the first and after the last step.
+    c.validation.engine = "bm25"  # bm25 (over the world / a corpus) | searchr1 | serpapi
+    c.validation.corpus = ""  # bm25: "" = the synthetic world's passages, "wiki", or a jsonl.
+    c.validation.url = ""
+    c.validation.topk = 3
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 4
+    c.checkpoint.keep = 2
+    c.export_hf = True  # write the final policy as a HF directory (<workdir>/hf_policy).
+    c.max_nonfinite_steps = 3  # consecutive skipped updates before the run stops.
+
+    # -- mesh ------------------------------------------------------------------------------------
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices.
+    return c

@@ -1,0 +1,67 @@
+"""ZeroSearch, Qwen-2.5-3B base policy, REINFORCE (the paper's main setting; REFERENCE s. 7).
+
+Needs: the training data (`huggingface-cli download --repo-type dataset sunhaonlp/ZeroSearch_dataset
+--local-dir ZeroSearch_dataset`), the 14B simulator served with an OpenAI-compatible API
+(`python -m sglang.launch_server --model-path sunhaonlp/SearchSimulation_14B --port 6001`), and a
+retriever for validation (`zerosearch-retrieval-server --corpus wiki --port 8000`, or a
+Search-R1 wiki-18 server).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import default  # noqa: E402
+
+
+def get_config(policy="Qwen/Qwen2.5-3B", noise_start=0.0, noise_end=0.25,
+               estimator="reinforce"):
+    c = default.get_config()
+    c.total_steps = 203
+    c.policy = policy
+    c.param_dtype = "bfloat16"
+    # NQ + HotpotQA training questions in the upstream parquet format, read unchanged.
+    c.data.train = "ZeroSearch_dataset/train.parquet"
+    c.data.validation = "ZeroSearch_dataset/test.parquet"
+    c.data.validation_size = 512
+    c.prompts_per_step = 64
+    c.rollout.samples_per_prompt = 5
+    c.rollout.max_turns = 2
+    c.rollout.max_new_tokens = 500
+    c.rollout.max_obs_tokens = 500
+    c.rollout.max_prompt_tokens = 2048
+    c.rollout.max_context_tokens = 4096
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 0.95
+    # The released fine-tuned 14B simulator behind SGLang (upstream's set-up).
+    c.simulator.kind = "server"
+    c.simulator.url = "http://127.0.0.1:6001"
+    c.simulator.model = "sunhaonlp/SearchSimulation_14B"
+    c.simulator.variant = "finetuned"
+    c.simulator.prime_reply = False
+    c.simulator.max_new_tokens = 600
+    c.simulator.temperature = 0.8
+    c.curriculum.schedule = "exponential"
+    c.curriculum.start = noise_start
+    c.curriculum.end = noise_end
+    c.curriculum.base = 4.0
+    c.algorithm.estimator = estimator
+    c.algorithm.micro_batch_size = 8
+    c.algorithm.entropy_coef = 0.001
+    c.algorithm.kl_coef = 0.001
+    c.algorithm.kl_estimator = "low_var_kl"
+    c.algorithm.use_kl_loss = estimator != "gae"
+    c.algorithm.kl_in_reward = estimator == "gae"
+    c.optim.lr = 1e-6
+    c.optim.warmup_ratio = 0.285 if estimator == "gae" else 0.95
+    c.optim.critic_lr = 1e-5
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip = 1.0
+    c.validation.every = 25
+    c.validation.engine = "searchr1"
+    c.validation.url = "http://127.0.0.1:8000/retrieve"
+    c.checkpoint.every = 25
+    c.checkpoint.keep = 3
+    # Fully sharded data parallel over every chip (e.g. a v4-32 or v5e-32 slice).
+    c.mesh.shape = (1, -1, 1)
+    return c

@@ -1,0 +1,116 @@
+"""The training driver end to end: config errors, a tiny run, SIGKILL + resume, non-finite stop."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.train_utils import tiny_policy_dir, tiny_run_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, timeout=600, **kw):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "zerosearch_jax.train", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory, smollm2_tokenizer):
+    return tiny_policy_dir(tmp_path_factory.mktemp("policy"), smollm2_tokenizer)
+
+
+def test_unknown_config_key_fails_before_work(tmp_path):
+    proc = _run(["--config=configs/default.py", f"--workdir={tmp_path}",
+                 "--config.rollout.max_turnz=3"], timeout=120)
+    assert proc.returncode != 0
+    assert "max_turnz" in proc.stderr
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("--config.algorithm.estimator=ppo", "unknown advantage_estimator 'ppo'"),
+    ("--config.rollout.max_turns=-1", "max_turns must be >= 0, got -1"),
+    ("--config.curriculum.end=1.5", "config.curriculum"),
+    ("--config.algorithm.micro_batch_size=3", "micro_batch_size=3"),
+])
+def test_bad_config_value_is_named(tmp_path, flag, message):
+    proc = _run(["--config=configs/default.py", f"--workdir={tmp_path}", flag], timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+
+
+def _final_params(workdir):
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(workdir, "hf_policy", "model.safetensors"))
+
+
+def test_sigkill_resume_matches_uninterrupted_run(policy_dir, tmp_path):
+    full = tmp_path / "full"
+    proc = _run(tiny_run_flags(policy_dir, full, steps=4))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(full / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert os.path.exists(full / "plots" / "training_curves.png")
+
+    # Same run, killed with SIGKILL once the step-2 checkpoint exists, then restarted.
+    killed = tmp_path / "killed"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.Popen([sys.executable, "-m", "zerosearch_jax.train",
+                          *tiny_run_flags(policy_dir, killed, steps=4)], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        if glob.glob(str(killed / "checkpoints" / "2" / "*")) and \
+                not glob.glob(str(killed / "checkpoints" / "*tmp*")):
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, "the run ended before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not os.path.exists(killed / "hf_policy")
+    proc = _run(tiny_run_flags(policy_dir, killed, steps=4))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed" in proc.stderr
+    a, b = _final_params(full), _final_params(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+    steps = [json.loads(line)["step"] for line in open(killed / "metrics.jsonl")]
+    assert steps == sorted(steps) and steps[-1] == 4 and len(steps) == len(set(steps))
+
+
+def test_nonfinite_updates_stop_the_run_with_the_last_good_checkpoint(policy_dir, tmp_path):
+    proc = _run(tiny_run_flags(policy_dir, tmp_path, steps=8, **{
+        "optim.lr": 1e12, "optim.grad_clip": 1e30, "checkpoint.every": 1,
+        "max_nonfinite_steps": 2}))
+    assert proc.returncode != 0
+    assert "consecutive steps had non-finite losses" in proc.stderr
+    assert "is intact" in proc.stderr
+    assert glob.glob(str(tmp_path / "checkpoints" / "*"))
+
+
+@pytest.mark.parametrize("name", sorted(
+    os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+    if not p.endswith("__init__.py")))
+def test_every_config_file_validates(name):
+    import importlib
+
+    from zerosearch_jax import train
+
+    sys.path.insert(0, ROOT)
+    config = importlib.import_module(f"configs.{name}").get_config()
+    settings = train.build_settings(config)
+    assert settings.update.advantage_estimator == config.algorithm.estimator
+    if name.startswith("zerosearch_"):  # the paper's settings (REFERENCE section 7)
+        assert config.total_steps == 203 and config.prompts_per_step == 64
+        assert config.rollout.samples_per_prompt == 5 and config.optim.lr == 1e-6
+        assert config.simulator.model.startswith("sunhaonlp/SearchSimulation")
