@@ -1,0 +1,227 @@
+"""Training metrics on disk: an append-only JSONL file per run, mirrored to TensorBoard.
+
+`<workdir>/metrics.jsonl` is the record of a run: one JSON object per `MetricsWriter.write`
+call, `{"step": 12, "time": 1718000000.0, "reward/f1": 0.41, ...}`. Each line is flushed and
+fsynced as it is written, so a run killed mid-training (preemption, OOM) loses nothing already
+logged; at worst the last line is cut short, and `read_metrics` skips it with a warning.
+`zerosearch_jax.plot` draws the training curves from this file, so plots need no TensorBoard.
+The same scalars go to `<workdir>/tensorboard/` for live viewing.
+
+Several rows may share a step (training metrics and `val/` metrics are separate writes).
+Non-finite values (a NaN loss on a skipped step) are written as `null` rather than crashing the
+run or producing invalid JSON.
+
+Resuming: a run killed at step s + k and restarted from the checkpoint at step s would log steps
+s+1 .. s+k twice. `MetricsWriter.truncate_after(s)` drops the killed attempt's rows from the JSONL
+(atomic rewrite) and tells TensorBoard to hide its events (`purge_step`).
+
+Multi-host: only process 0 should log; other processes pass `enabled=False`, which makes every
+method a no-op and touches no file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+_RESERVED_KEYS = ("step", "time")
+
+
+def metrics_path(workdir_or_file: str | os.PathLike) -> Path:
+    """`<workdir>/metrics.jsonl` for a run directory; a file (or any `*.jsonl`) is unchanged."""
+    path = Path(workdir_or_file)
+    return path if path.is_file() or path.suffix == ".jsonl" else path / METRICS_FILE
+
+
+def _to_json_number(key: str, value: Any) -> float | None:
+    """A Python float for a Python / numpy / JAX scalar; None (JSON null) if it is not finite."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"metric {key!r} must be a real scalar (float, int, numpy or JAX 0-d array), "
+            f"got {type(value).__name__}: {value!r}"
+        ) from e
+    return number if math.isfinite(number) else None
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes a rename inside `path` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MetricsWriter:
+    """Appends scalar metrics of one run to `<workdir>/metrics.jsonl` and TensorBoard.
+
+    Usage:
+        with MetricsWriter(workdir, enabled=jax.process_index() == 0) as writer:
+            if resumed_step is not None:
+                writer.truncate_after(resumed_step)
+            writer.write(step, {"reward/f1": f1, "train/kl_loss": kl})
+            writer.write(step, {"f1": val_f1}, prefix="val")
+    """
+
+    def __init__(
+        self, workdir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True
+    ):
+        self.enabled = enabled
+        self.workdir = Path(workdir)
+        self.path = self.workdir / METRICS_FILE
+        self._use_tensorboard = tensorboard
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._file = self._open_for_append()
+        if tensorboard:
+            self._tb = self._open_tensorboard(purge_step=None)
+
+    def _open_for_append(self):
+        file = open(self.path, "a+b")
+        # A run killed mid-write can leave a partial last line; terminate it so the next row
+        # starts on its own line (read_metrics then skips just the partial one).
+        if file.seek(0, os.SEEK_END) > 0:
+            file.seek(-1, os.SEEK_END)
+            if file.read(1) != b"\n":
+                file.write(b"\n")
+                file.flush()
+                os.fsync(file.fileno())
+        return file
+
+    def _open_tensorboard(self, purge_step: int | None):
+        # Imported here so that runs with tensorboard=False never pay for (or need) the import.
+        from tensorboardX import SummaryWriter
+
+        # Event file names carry only whole seconds; the suffix keeps a writer reopened by
+        # truncate_after within the same second from overwriting the previous file.
+        return SummaryWriter(
+            str(self.workdir / TENSORBOARD_DIR),
+            purge_step=purge_step,
+            filename_suffix=f".{time.time_ns()}",
+        )
+
+    def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
+        """Logs `metrics` at `step`; keys become `<prefix>/<key>` when `prefix` is given.
+
+        `prefix` may be given with or without its trailing slash ("val" and "val/" both give
+        "val/f1"). Values are scalars (Python, numpy or JAX); NaN / inf are written as null and
+        left out of TensorBoard.
+        """
+        if not self.enabled:
+            return
+        if self._file is None:
+            raise ValueError(f"MetricsWriter for {self.path} is closed")
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        values: dict[str, float | None] = {}
+        for key, value in metrics.items():
+            name = f"{prefix}{key}"
+            if name in _RESERVED_KEYS:
+                raise ValueError(f"metric name {name!r} is reserved; use another key")
+            values[name] = _to_json_number(name, value)
+        step = int(step)
+        row = {"step": step, "time": time.time(), **values}
+        line = json.dumps(row, allow_nan=False) + "\n"
+        self._file.write(line.encode())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self._tb is not None:
+            for name, value in values.items():
+                if value is not None:
+                    self._tb.add_scalar(name, value, global_step=step)
+            self._tb.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Drops every logged row with step > `step`; called when resuming from checkpoint `step`.
+
+        The JSONL is rewritten to a temporary file and swapped in with `os.replace`, so a crash
+        during the rewrite leaves either the old or the new file, never a partial one. Malformed
+        lines are dropped too. TensorBoard event files are append-only, so instead a new event
+        file is started with `purge_step = step + 1`, which makes TensorBoard hide the killed
+        attempt's events from that step on.
+        """
+        if not self.enabled:
+            return
+        if self._file is None:
+            raise ValueError(f"MetricsWriter for {self.path} is closed")
+        step = int(step)
+        kept = [row for row in read_metrics(self.path) if row["step"] <= step]
+        self._file.close()
+        fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", dir=self.workdir)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for row in kept:
+                    out.write((json.dumps(row) + "\n").encode())
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        finally:
+            self._file = self._open_for_append()
+        _fsync_dir(self.workdir)
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = self._open_tensorboard(purge_step=step + 1)
+
+    def close(self) -> None:
+        """Closes the JSONL file and the TensorBoard writer; further writes raise."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def read_metrics(workdir_or_file: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl, in file order; null values come back as None.
+
+    A line that is not a JSON object with an integer "step" (typically the last line of a killed
+    run, cut short mid-write) is skipped with a warning naming `file:line`.
+    """
+    path = metrics_path(workdir_or_file)
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                logger.warning("%s:%d: skipping malformed metrics line (%s)", path, lineno, e)
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                logger.warning(
+                    "%s:%d: skipping metrics line without an integer 'step': %.80s",
+                    path, lineno, line.rstrip(),
+                )
+                continue
+            rows.append(row)
+    return rows
