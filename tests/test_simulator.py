@@ -69,7 +69,7 @@ CTX_C = QueryContext("What is the capital of Qithra?", ("Sundrel",))
 
 
 def noisy(text: str) -> str:
-    return (text.replace("useful", "noisy").replace("Useful Output:", "Noisy Output:"))
+    return text.replace("useful", "noisy").replace("Useful Output:", "Noisy Output:")
 
 
 # --------------------------------------------------------------------------- prompt, clean-up
@@ -181,7 +181,8 @@ def test_coin_flip_follows_noise_probability(smollm2_tokenizer, tiny_lm):
     n = 400
     queries = [f"query {i}" for i in range(n)]
     contexts = [CTX_A] * n  # useful=None: the engine flips the coin
-    for p, low, high in [(0.0, 1.0, 1.0), (1.0, 0.0, 0.0), (0.3, 0.64, 0.76)]:
+    # p=0.3: 0.7 within 3 standard deviations (sqrt(0.21 / 400) = 0.023).
+    for p, low, high in [(0.0, 1.0, 1.0), (1.0, 0.0, 0.0), (0.3, 0.63, 0.77)]:
         sim.noise_probability = p
         results = sim.search(queries, contexts=contexts)
         flags = [r.metadata["useful"] for r in results]
@@ -451,17 +452,15 @@ def bigram_policy(tok, chains):
     """A tiny model that deterministically continues each chain.
 
     chains: (start_token_id, text) pairs: after `start_token_id` the model writes the tokens of
-    `text`, one after the other. Only attention and MLP outputs are zeroed, so the residual
-    stream is the current token's embedding: a one-hot slot per source token, mapped by the LM
-    head to a logit of 80 for its successor (others 0), which any sampler picks.
+    `text`, one after the other. Attention and MLP outputs are zeroed, so the residual stream
+    is the current token's embedding: a one-hot slot per source token, which the LM head maps
+    to a logit of 80 for its successor (0 for every other token), so any sampler picks it.
     """
     nxt: dict[int, int] = {}
-    turns = []
     for start, text in chains:
         ids = tok.encode(text)
         for a, b in zip([start, *ids[:-1]], ids, strict=True):
             assert nxt.setdefault(a, b) == b, f"token {a} continues two ways in {chains}"
-        turns.append(ids)
     config = models.tiny_config(vocab_size=len(tok.hf), num_layers=1)
     params = models.init_params(config, 0)
     E = config.hidden_size
@@ -489,7 +488,7 @@ class ScriptedEngine(SearchEngine):
         super().__init__()
         self.batches = []
         self.filler = " filler" * filler_words
-        self.noise_probability = 0.0
+        self.noise_probability = 0.0  # set by rollout(noise_probability=...)
 
     def _search(self, queries, contexts):
         self.batches.append((list(queries), list(contexts)))
@@ -571,8 +570,8 @@ def check_batch_invariants(batch, stats, B):
         np.testing.assert_array_equal(batch.positions[i, real], np.arange(len(real)))
         assert real[-1] - real[0] + 1 == len(real)
     assert stats.generated_tokens == int(batch.loss_mask.sum())
-    for name in ("f1", "em", "cover_em", "searches", "invalid_actions", "useful_calls",
-                 "noisy_calls", "truncated"):
+    for name in ("f1", "em", "cover_em", "searches", "engine_calls", "invalid_actions",
+                 "useful_calls", "noisy_calls", "truncated"):
         assert len(getattr(stats, name)) == B, name
     assert len(stats.answers) == len(stats.responses) == B
 
@@ -613,6 +612,7 @@ def test_rollout_search_then_answer(smollm2_tokenizer, searcher):
     np.testing.assert_array_equal(stats.f1, [1, 1, 0, 0])
     np.testing.assert_array_equal(stats.em, [1, 1, 0, 0])
     np.testing.assert_array_equal(stats.searches, [1, 1, 1, 1])
+    np.testing.assert_array_equal(stats.engine_calls, [1, 1, 1, 1])
     np.testing.assert_array_equal(stats.invalid_actions, [0, 0, 0, 0])
     np.testing.assert_array_equal(stats.useful_calls, [1, 1, 0, 0])
     np.testing.assert_array_equal(stats.noisy_calls, [0, 0, 1, 1])
@@ -631,6 +631,7 @@ def test_rollout_final_turn_search_is_discarded(smollm2_tokenizer, searcher, alw
     check_batch_invariants(batch, stats, 2)
     assert engine.batches == [] and engine.stats.calls == 0
     np.testing.assert_array_equal(stats.searches, [1, 1])
+    np.testing.assert_array_equal(stats.engine_calls, [0, 0])
     assert stats.answers == [None, None] and not batch.rewards.any()
     for i in range(2):
         assert texts(tok, batch, i) == ([SEARCH], [])
@@ -643,6 +644,7 @@ def test_rollout_final_turn_search_is_discarded(smollm2_tokenizer, searcher, alw
     check_batch_invariants(batch, stats, 2)
     assert [len(q) for q, _ in engine.batches] == [2, 2]
     np.testing.assert_array_equal(stats.searches, [3, 3])
+    np.testing.assert_array_equal(stats.engine_calls, [2, 2])
     assert not batch.rewards.any() and not stats.truncated.any()
     for i in range(2):
         policy, inserted = texts(tok, batch, i)
@@ -667,7 +669,8 @@ def test_rollout_context_cap_ends_episodes_row_by_row(smollm2_tokenizer, always_
                        for ex in (long, short))
     N = 16
     first_turn = len(tok.encode(SEARCH))
-    [result] = ScriptedEngine().search(["alpha"], contexts=[QueryContext(short.question, short.golden_answers)])
+    [result] = ScriptedEngine().search(
+        ["alpha"], contexts=[QueryContext(short.question, short.golden_answers)])
     obs_short = len(observation_ids(tok, information_block(result.text), 500))
     # Room for every first turn and for the short row's second turn only.
     cap = L_short + first_turn + obs_short + N
@@ -681,6 +684,7 @@ def test_rollout_context_cap_ends_episodes_row_by_row(smollm2_tokenizer, always_
         [long.question, short.question], [short.question]]
     assert stats.truncated.all() and stats.answers == [None, None]
     np.testing.assert_array_equal(stats.searches, [1, 2])
+    np.testing.assert_array_equal(stats.engine_calls, [1, 2])
     assert [len(spans(batch, i)[0]) for i in range(2)] == [1, 2]
     assert [len(spans(batch, i)[1]) for i in range(2)] == [1, 2]
 
@@ -724,7 +728,7 @@ def test_rollout_with_smollm2_policy_and_smollm2_simulator(smollm2, smollm2_toke
     config, params = smollm2
     examples = build_world(WorldConfig(seed=0)).questions("train")[:2]
     simulator = LLMSimulator(config, params, tok, max_new_tokens=64, noise_probability=0.5,
-                             seed=0)
+                             prime_reply=True, seed=0)
     rc = RolloutConfig(samples_per_prompt=2, max_turns=1, max_new_tokens=48)
     batch, stats = rollout(config, params, tok, examples, simulator, rollout_config=rc, rng=0)
     B = 4
@@ -758,5 +762,16 @@ def test_rollout_with_smollm2_policy_and_smollm2_simulator(smollm2, smollm2_toke
         expected = rewards.score_response("".join(policy), examples[i // 2].golden_answers)
         assert stats.answers[i] == expected["answer"]
         assert stats.f1[i] == pytest.approx(expected["f1"])
-    assert simulator.stats.queries == searched
+    assert simulator.stats.queries == searched == stats.engine_calls.sum()
     assert stats.useful_calls.sum() + stats.noisy_calls.sum() == searched
+
+    # The 135M policy rarely writes a valid <search>, so query the same simulator directly, as
+    # the rollout does: one batch, each query with its own trajectory's context.
+    contexts = [QueryContext(ex.question, ex.golden_answers) for ex in examples]
+    results = simulator.search(["Qaesaryn capital", "Qaesaryn capital founded"],
+                               contexts=contexts)
+    for res, ctx, other in zip(results, contexts, contexts[::-1], strict=True):
+        assert res.ok and res.documents[0].startswith("Doc 1:")
+        assert not any("Doc 6" in doc for doc in res.documents)
+        assert ctx.question in res.metadata["prompt"]
+        assert other.question not in res.metadata["prompt"]
