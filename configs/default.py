@@ -14,20 +14,21 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # every random choice (data order, sampling, coin flips) derives from it.
-    c.total_steps = 16  # RL steps (upstream: 203).
+    c.total_steps = 10  # RL steps (upstream: 203).
 
     # -- models -------------------------------------------------------------------------------
     c.policy = "smollm2-135m-instruct"  # embedded name, HF dir, .gguf file or hub id.
     c.tokenizer = ""  # defaults to the policy's.
-    c.param_dtype = "bfloat16"  # float32 | bfloat16 (matmuls accumulate in float32 either way).
-    c.remat = True  # rematerialize blocks in the backward pass.
+    c.param_dtype = "float32"  # master weights and Adam moments: float32 | bfloat16.
+    c.compute_dtype = "bfloat16"  # matmul inputs (float32 accumulation) and rollout weights.
+    c.remat = False  # rematerialize blocks in the backward pass (memory for large models).
 
     # -- data ---------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
     c.data.train = "synthetic:train"  # synthetic:<split> | file.jsonl | file.parquet | hf:id:config
     c.data.validation = "synthetic:validation"
     c.data.synthetic_seed = 0  # seed of the synthetic world.
-    c.data.validation_size = 24  # questions used for validation (fixed sample).
+    c.data.validation_size = 16  # questions used for validation (fixed sample).
     c.data.on_error = "skip"  # malformed rows: skip (logged) or raise.
 
     # -- rollout --------------------------------------------------------------------------------
@@ -35,8 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout = ml_collections.ConfigDict()
     c.rollout.samples_per_prompt = 4  # rollouts per question (upstream: 5).
     c.rollout.max_turns = 2  # searches before the final answer turn.
-    c.rollout.max_new_tokens = 64  # per policy turn (upstream: 500).
-    c.rollout.max_obs_tokens = 192  # per inserted observation (upstream: 500).
+    c.rollout.max_new_tokens = 48  # per policy turn (upstream: 500).
+    c.rollout.max_obs_tokens = 128  # per inserted observation (upstream: 500).
     c.rollout.max_prompt_tokens = 2048
     c.rollout.max_context_tokens = 4096
     c.rollout.temperature = 1.0
@@ -49,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.simulator.url = ""  # server / searchr1: endpoint.
     c.simulator.variant = "prompted"  # finetuned | prompted (no SFT: one-shot demo).
     c.simulator.prime_reply = True  # start the reply with "Doc 1:" (small prompted models).
-    c.simulator.max_new_tokens = 128  # upstream: 600.
+    c.simulator.max_new_tokens = 96  # upstream: 600.
     c.simulator.temperature = 0.8
     c.simulator.topk = 5
 
@@ -65,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.algorithm.estimator = "grpo"  # reinforce | grpo | gae (PPO) | reinforce_pp
     c.algorithm.ppo_epochs = 1
     c.algorithm.num_minibatches = 1
-    c.algorithm.micro_batch_size = 4
+    c.algorithm.micro_batch_size = 8
     c.algorithm.clip_low = 0.2
     c.algorithm.clip_high = 0.2
     c.algorithm.entropy_coef = 0.001
@@ -80,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # -- optimizer ------------------------------------------------------------------------------
     c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 2e-6
+    c.optim.lr = 5e-6
     c.optim.warmup_ratio = 0.0  # upstream: 0.95 (REINFORCE/GRPO), 0.285 (PPO actor).
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
@@ -91,13 +92,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     # -- validation, logging, checkpoints --------------------------------------------------------
     c.validation = ml_collections.ConfigDict()
-    c.validation.every = 8  # steps; also before the first and after the last step.
+    c.validation.every = 5  # steps; also before the first and after the last step.
     c.validation.engine = "bm25"  # bm25 (over the world / a corpus) | searchr1 | serpapi
     c.validation.corpus = ""  # bm25: "" = the synthetic world's passages, "wiki", or a jsonl.
     c.validation.url = ""
     c.validation.topk = 3
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every = 4
+    c.checkpoint.every = 5
     c.checkpoint.keep = 2
     c.export_hf = True  # write the final policy as a HF directory (<workdir>/hf_policy).
     c.max_nonfinite_steps = 3  # consecutive skipped updates before the run stops.

@@ -19,7 +19,9 @@ def get_config(policy="Qwen/Qwen2.5-3B", noise_start=0.0, noise_end=0.25,
     c = default.get_config()
     c.total_steps = 203
     c.policy = policy
-    c.param_dtype = "bfloat16"
+    c.remat = True
+    c.param_dtype = "float32"
+    c.compute_dtype = "bfloat16"
     # NQ + HotpotQA training questions in the upstream parquet format, read unchanged.
     c.data.train = "ZeroSearch_dataset/train.parquet"
     c.data.validation = "ZeroSearch_dataset/test.parquet"

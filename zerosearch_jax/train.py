@@ -68,6 +68,8 @@ def build_settings(c: ml_collections.ConfigDict) -> Settings:
     _check(c.prompts_per_step >= 1, "prompts_per_step", c.prompts_per_step, ">= 1")
     _check(c.param_dtype in ("float32", "bfloat16"), "param_dtype", c.param_dtype,
            "float32 or bfloat16")
+    _check(c.compute_dtype in ("float32", "bfloat16"), "compute_dtype", c.compute_dtype,
+           "float32 or bfloat16")
     _check(c.simulator.kind in ("llm", "server", "bm25", "searchr1"), "simulator.kind",
            c.simulator.kind, "llm, server, bm25 or searchr1")
     _check(c.validation.engine in ("bm25", "searchr1", "serpapi"), "validation.engine",
@@ -103,7 +105,8 @@ def build_settings(c: ml_collections.ConfigDict) -> Settings:
         update = ts.UpdateConfig(
             advantage_estimator=a.estimator, ppo_epochs=a.ppo_epochs,
             num_minibatches=a.num_minibatches, micro_batch_size=a.micro_batch_size, loss=loss,
-            advantage=adv, kl_in_reward=a.kl_in_reward, remat=c.remat)
+            advantage=adv, kl_in_reward=a.kl_in_reward, remat=c.remat,
+            compute_dtype=c.compute_dtype)
         update.check_batch_size(c.prompts_per_step * r.samples_per_prompt)
     except ValueError as e:
         raise ConfigError(f"config.algorithm: {e}") from None
@@ -165,10 +168,10 @@ def make_validation_engine(c: ml_collections.ConfigDict) -> search.SearchEngine:
 def make_training_engine(c: ml_collections.ConfigDict, policy: tuple, tokenizer: Tokenizer):
     s = c.simulator
     if s.kind == "llm":
-        if s.model == c.policy:  # the same weights, but a frozen copy: the policy will move.
-            config, params = policy[0], jax.tree.map(jnp.copy, policy[1])
+        if s.model == c.policy:  # the same (frozen, compute-dtype) weights as the reference
+            config, params = policy
         else:
-            config, params = models.load_pretrained(s.model, dtype=jnp.dtype(c.param_dtype))
+            config, params = models.load_pretrained(s.model, dtype=jnp.dtype(c.compute_dtype))
             tokenizer = Tokenizer.from_pretrained(s.model)
         return search.LLMSimulator(
             config, params, tokenizer, variant=s.variant, topk=s.topk,
@@ -243,11 +246,15 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     mesh = make_mesh(settings.mesh_shape)
 
     # -- models ---------------------------------------------------------------------------------
-    dtype = jnp.dtype(c.param_dtype)
+    # Master weights (and Adam moments) in param_dtype; rollouts, the frozen reference and the
+    # simulator hold compute_dtype copies (a cast per step is far cheaper than casting every
+    # weight at every decode step).
+    compute = jnp.dtype(c.compute_dtype)
     tokenizer = Tokenizer.from_pretrained(c.tokenizer or c.policy)
-    model_config, params = models.load_pretrained(c.policy, dtype=dtype)
-    ref_params = jax.tree.map(jnp.copy, params)  # the frozen initial policy
-    train_engine = make_training_engine(c, (model_config, params), tokenizer)
+    model_config, params = models.load_pretrained(c.policy, dtype=jnp.dtype(c.param_dtype))
+    to_compute = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(compute), p))
+    ref_params = to_compute(params)  # the frozen initial policy
+    train_engine = make_training_engine(c, (model_config, ref_params), tokenizer)
     val_engine = make_validation_engine(c)
 
     uc = settings.update
@@ -298,11 +305,18 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     base_key = jax.random.key(c.seed)
     val_metrics: dict[str, float] = {}
     if start == 0:
-        val_metrics = validate(model_config, state.params, tokenizer, val_examples, val_engine,
-                               settings, c.seed)
+        val_metrics = validate(model_config, to_compute(state.params), tokenizer, val_examples,
+                               val_engine, settings, c.seed)
         writer.write(0, val_metrics, prefix="val/")
         logger.info("validation before training: %s", _fmt(val_metrics))
 
+    # Fixed batch shapes, so scoring and the update compile once: the response length is the
+    # longest possible episode; the prompt length only grows (to the next bucket) if a longer
+    # prompt shows up.
+    rc = settings.rollout
+    response_length = -(-((rc.max_turns + 1) * rc.max_new_tokens
+                          + rc.max_turns * rc.max_obs_tokens) // 64) * 64
+    prompt_length = 0
     nonfinite_streak = 0
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not is_main,
                dynamic_ncols=True)
@@ -313,10 +327,13 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if hasattr(train_engine, "reseed"):
             train_engine.reseed(c.seed * 1_000_003 + step)
         questions = data.next_batch(c.prompts_per_step)
-        batch, stats = agent.rollout(model_config, state.params, tokenizer, questions,
+        prompt_length = max(prompt_length, sampling.bucket_length(max(
+            len(agent.prompt_ids(tokenizer, q.question, rc.chat_template)) for q in questions)))
+        batch, stats = agent.rollout(model_config, to_compute(state.params), tokenizer, questions,
                                      train_engine, rollout_config=settings.rollout,
                                      sampler=settings.sampler, rng=key,
-                                     noise_probability=p_noise)
+                                     noise_probability=p_noise,
+                                     batch_lengths=(prompt_length, response_length))
         t_rollout = time.perf_counter() - t0
         t1 = time.perf_counter()
         scored = fns.score(state.params, ref_params, state.critic_params, _batch_dict(batch))
@@ -346,8 +363,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                    "data/epoch": data.epoch}
         done = step + 1
         if done % c.validation.every == 0 or done == total:
-            val_metrics = validate(model_config, state.params, tokenizer, val_examples,
-                                   val_engine, settings, c.seed)
+            val_metrics = validate(model_config, to_compute(state.params), tokenizer,
+                                   val_examples, val_engine, settings, c.seed)
             metrics.update({f"val/{k}": v for k, v in val_metrics.items()})
         writer.write(done, metrics)
         bar.set_postfix(f1=f"{metrics['reward/f1']:.3f}", p=f"{p_noise:.2f}",

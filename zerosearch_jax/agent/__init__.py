@@ -6,6 +6,7 @@ from zerosearch_jax.agent.rollout import (
     RolloutConfig,
     assemble_batch,
     observation_ids,
+    prompt_ids,
     rollout,
 )
 from zerosearch_jax.agent.template import (
@@ -21,5 +22,5 @@ from zerosearch_jax.agent.template import (
 __all__ = [
     "INVALID_ACTION", "POLICY_TEMPLATE", "STOP_TAGS", "Action", "EpisodeStats", "RolloutBatch",
     "RolloutConfig", "assemble_batch", "information_block", "observation_ids", "parse_action",
-    "policy_prompt", "rollout",
+    "policy_prompt", "prompt_ids", "rollout",
 ]

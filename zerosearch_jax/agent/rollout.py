@@ -153,6 +153,12 @@ def _window(used: int, extra: int, total: int) -> int:
     return min(total, -(-(used + extra) // _WINDOW) * _WINDOW)
 
 
+def prompt_ids(tokenizer: Tokenizer, question: str, chat_template: bool = True) -> list[int]:
+    """Token ids of the policy prompt for `question` (the template, in a chat turn)."""
+    text = policy_prompt(question)
+    return tokenizer.encode(tokenizer.chat_prompt(text) if chat_template else text)
+
+
 def observation_ids(tokenizer: Tokenizer, text: str, cap: int) -> np.ndarray:
     """Token ids of an observation, at most `cap`: an information block loses documents from
     its end, never its wrapper tags; other text is cut at the end."""
@@ -218,12 +224,14 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
             examples: Sequence[QAExample], engine: SearchEngine, *,
             rollout_config: RolloutConfig = RolloutConfig(),
             sampler=sampling.TopP(0.95, temperature=1.0), rng: Array | int = 0,
-            noise_probability: float | None = None,
-            cache_dtype=None) -> tuple[RolloutBatch, EpisodeStats]:
+            noise_probability: float | None = None, cache_dtype=None,
+            batch_lengths: tuple[int, int] | None = None) -> tuple[RolloutBatch, EpisodeStats]:
     """Runs `samples_per_prompt` episodes of every example and returns the RL batch.
 
     noise_probability: the curriculum's value for this step, given to engines that have one
     (the simulator); None leaves the engine as it is.
+    batch_lengths: (P, R) of the returned batch; a trainer fixes them so its update compiles
+    once (default: the longest prompt / response, bucketed).
     """
     rc = rollout_config
     if not examples:
@@ -241,8 +249,7 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
     B = len(rows)
     prompts = []
     for ex in rows:
-        text = policy_prompt(ex.question)
-        ids = tokenizer.encode(tokenizer.chat_prompt(text) if rc.chat_template else text)
+        ids = prompt_ids(tokenizer, ex.question, rc.chat_template)
         if len(ids) > rc.max_prompt_tokens:
             raise ValueError(f"question {ex.id!r}: prompt has {len(ids)} tokens, more than "
                              f"max_prompt_tokens={rc.max_prompt_tokens}")
@@ -360,7 +367,8 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
     scores = [rewards.score_response(t, ex.golden_answers)
               for t, ex in zip(policy_texts, rows, strict=True)]
     f1 = np.array([s["f1"] for s in scores], np.float32)
-    batch = assemble_batch(prompts, pieces, f1, group, tokenizer.pad_id)
+    batch = assemble_batch(prompts, pieces, f1, group, tokenizer.pad_id,
+                           *(batch_lengths or (None, None)))
     timings["total_s"] = time.perf_counter() - t_start
     stats = EpisodeStats(
         answers=[s["answer"] for s in scores], responses=responses, f1=f1,

@@ -45,6 +45,10 @@ class UpdateConfig:
     advantage: algo.AdvantageConfig = algo.AdvantageConfig()
     kl_in_reward: bool = False  # PPO: subtract kl_coef * KL from the token rewards.
     remat: bool = True  # rematerialize transformer blocks in the backward pass.
+    # Matmul input dtype; None = the parameters' own. "bfloat16" with float32 parameters is
+    # the usual mixed precision: float32 master weights and optimizer moments (a 1e-6 step
+    # is below bfloat16's resolution), bfloat16 products with float32 accumulation.
+    compute_dtype: str | None = None
 
     def __post_init__(self):
         if self.advantage_estimator not in algo.ADVANTAGE_ESTIMATORS:
@@ -57,6 +61,14 @@ class UpdateConfig:
     @property
     def uses_critic(self) -> bool:
         return self.advantage_estimator == "gae"
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        """False when the update is exactly on-policy (one epoch, one mini-batch: the old
+        log-probs equal the current ones, so the ratio is 1) and no KL enters the reward; the
+        update then takes them from its own forward pass and scoring saves a forward pass."""
+        return (self.ppo_epochs > 1 or self.num_minibatches > 1 or self.kl_in_reward
+                or self.advantage_estimator == "reinforce_pp")
 
     def check_batch_size(self, batch_size: int) -> None:
         per_mini = batch_size // self.num_minibatches
@@ -104,23 +116,24 @@ def _shift_right(x: Array) -> Array:
     return jnp.pad(x[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))
 
 
-def _hidden(config: models.ModelConfig, params, tokens, attention_mask, positions, remat=False):
+def _hidden(config: models.ModelConfig, params, tokens, attention_mask, positions, remat=False,
+            dtype=None):
     mask = attention_mask.astype(bool)
-    out, _ = models.Transformer(config, remat=remat).apply(
+    out, _ = models.Transformer(config, remat=remat, dtype=dtype).apply(
         {"params": params}, tokens, positions, models.causal_attention_mask(mask),
         return_hidden=True)
     return out
 
 
 def policy_logprobs(config: models.ModelConfig, params, tokens: Array, attention_mask: Array,
-                    positions: Array, temperature: float = 1.0,
-                    remat: bool = False) -> tuple[Array, Array]:
+                    positions: Array, temperature: float = 1.0, remat: bool = False,
+                    dtype=None) -> tuple[Array, Array]:
     """(log p(tokens[t] | tokens[<t]) [B, T], entropy of that distribution [B, T]), float32.
 
-    Entry 0 of both is 0 (nothing predicts the first token).
+    Entry 0 of both is 0 (nothing predicts the first token). dtype: matmul input dtype.
     """
-    hidden = _hidden(config, params, tokens, attention_mask, positions, remat)
-    logits = models.project_logits(config, params, hidden) / temperature
+    hidden = _hidden(config, params, tokens, attention_mask, positions, remat, dtype)
+    logits = models.project_logits(config, params, hidden, dtype) / temperature
     return algo.shifted_logprobs(logits, tokens), _shift_right(algo.entropy_from_logits(logits))
 
 
@@ -134,9 +147,10 @@ def init_critic(config: models.ModelConfig, policy_params, rng: Array) -> dict:
 
 
 def critic_values(config: models.ModelConfig, critic_params, tokens, attention_mask, positions,
-                  remat: bool = False) -> Array:
+                  remat: bool = False, dtype=None) -> Array:
     """V(state before token t) [B, T] float32, indexed like the log-probs."""
-    hidden = _hidden(config, critic_params["backbone"], tokens, attention_mask, positions, remat)
+    hidden = _hidden(config, critic_params["backbone"], tokens, attention_mask, positions, remat,
+                     dtype)
     head = critic_params["value_head"]
     v = jnp.einsum("bte,e->bt", hidden, head["w"].astype(jnp.float32)) + head["b"]
     return _shift_right(v)
@@ -171,7 +185,8 @@ def _micro_map(fn: Callable, n_micro: int, *arrays):
 
 def score_batch(config: models.ModelConfig, uc: UpdateConfig, params, ref_params, critic_params,
                 batch: dict) -> dict:
-    """Adds old_logprobs, ref_logprobs, (old_values), advantages and returns to `batch`.
+    """Adds ref_logprobs, old_logprobs (if `uc.needs_old_logprobs`), old_values (with a
+    critic), advantages, returns and token_kl to `batch`.
 
     batch: tokens, attention_mask, positions, loss_mask, rewards [B, T]; group [B].
     """
@@ -179,18 +194,24 @@ def score_batch(config: models.ModelConfig, uc: UpdateConfig, params, ref_params
     n_micro = max(B // uc.micro_batch_size, 1)
     seq = (batch["tokens"], batch["attention_mask"], batch["positions"])
 
+    dtype = uc.compute_dtype
+
     def logp_fn(p):
-        return _micro_map(lambda *s: policy_logprobs(config, p, *s)[0], n_micro, *seq)
+        return _micro_map(lambda *s: policy_logprobs(config, p, *s, dtype=dtype)[0], n_micro,
+                          *seq)
 
     out = dict(batch)
-    out["old_logprobs"] = logp_fn(params)
-    out["ref_logprobs"] = logp_fn(ref_params) if ref_params is not None else out["old_logprobs"]
     mask = batch["loss_mask"]
-    token_kl = algo.get_kl_estimator(uc.loss.kl_estimator)(out["old_logprobs"],
-                                                            out["ref_logprobs"])
+    out["ref_logprobs"] = logp_fn(ref_params if ref_params is not None else params)
+    token_kl = jnp.zeros_like(mask)
+    if uc.needs_old_logprobs:
+        out["old_logprobs"] = logp_fn(params)
+        token_kl = algo.get_kl_estimator(uc.loss.kl_estimator)(out["old_logprobs"],
+                                                                out["ref_logprobs"])
     values = None
     if critic_params is not None:
-        values = _micro_map(lambda *s: critic_values(config, critic_params, *s), n_micro, *seq)
+        values = _micro_map(lambda *s: critic_values(config, critic_params, *s, dtype=dtype),
+                            n_micro, *seq)
         out["old_values"] = values
     estimator = algo.get_advantage_estimator(uc.advantage_estimator)
     adv_cfg = uc.advantage if uc.kl_in_reward else dataclasses.replace(uc.advantage, kl_coef=0.0)
@@ -202,13 +223,14 @@ def score_batch(config: models.ModelConfig, uc: UpdateConfig, params, ref_params
 
 
 def _accumulate(loss_fn: Callable, params, micro_batches: dict, n_micro: int):
-    """Sum of grads and metric sums of loss_fn over micro-batches (a lax.scan)."""
+    """Sum of grads (float32) and metric sums of loss_fn over micro-batches (a lax.scan)."""
     def step(carry, mb):
         grads, metrics = carry
         (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
-        return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+        return (grads, jax.tree.map(jnp.add, metrics, m)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     first = jax.tree.map(lambda x: x[0], micro_batches)
     metric_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
         lambda: loss_fn(params, first)[1]))
@@ -234,23 +256,25 @@ def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
     B = batch["tokens"].shape[0]
     mini = B // uc.num_minibatches
     n_micro = mini // uc.micro_batch_size
-    keys = ("tokens", "attention_mask", "positions", "loss_mask", "old_logprobs",
-            "ref_logprobs", "advantages")
+    keys = ("tokens", "attention_mask", "positions", "loss_mask", "ref_logprobs", "advantages")
+    if "old_logprobs" in batch:
+        keys += ("old_logprobs",)
     if state.critic_params is not None:
         keys += ("old_values", "returns")
 
     def actor_loss(params, mb, count):
         logp, entropy = policy_logprobs(config, params, mb["tokens"], mb["attention_mask"],
-                                        mb["positions"], remat=uc.remat)
+                                        mb["positions"], remat=uc.remat, dtype=uc.compute_dtype)
         use_ref = uc.loss.use_kl_loss or uc.kl_in_reward
+        old = mb["old_logprobs"] if "old_logprobs" in mb else jax.lax.stop_gradient(logp)
         total, _, metrics = algo.ppo_actor_loss(
-            logp, mb["old_logprobs"], mb["ref_logprobs"] if use_ref else None,
+            logp, old, mb["ref_logprobs"] if use_ref else None,
             mb["advantages"], mb["loss_mask"], entropy, uc.loss)
         return total / count, metrics
 
     def critic_loss(cparams, mb, count):
         v = critic_values(config, cparams, mb["tokens"], mb["attention_mask"], mb["positions"],
-                          remat=uc.remat)
+                          remat=uc.remat, dtype=uc.compute_dtype)
         total, _ = algo.value_loss(v, mb["old_values"], mb["returns"], mb["loss_mask"],
                                    uc.loss.value_clip)
         return total / count, {"vf_loss": total}
