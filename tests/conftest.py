@@ -49,3 +49,11 @@ def smollm2_torch(smollm2_gguf):
         os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf),
         dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture
+def stub_server():
+    """`start(respond, delay_s=0.0) -> StubServer` (tests/http_stub.py); all shut down after."""
+    from http_stub import stub_server_fixture
+
+    yield from stub_server_fixture()

@@ -1,18 +1,14 @@
 """HTTP search clients and the retrieval server, over real sockets on 127.0.0.1.
 
 The Search-R1 client talks to the real `zerosearch_jax.search.server`; the ZeroSearch wiki and
-SerpAPI clients talk to small stdlib servers below that speak those protocols. Failure servers
-(slow, 5xx, 429, 404, malformed JSON, wrong shape, closed port) check that every failure is
-retried as configured, counted, logged and answered with NO_INFORMATION.
+SerpAPI clients talk to the stdlib `StubServer` of tests/http_stub.py speaking those protocols.
+Failure servers (slow, 5xx, 429, 404, malformed JSON, wrong shape, closed port) check that every
+failure is retried as configured, counted, logged and answered with NO_INFORMATION.
 """
 
 import json
 import logging
 import socket
-import threading
-import time
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -53,66 +49,7 @@ def retrieval_url(engine):
     server.server_close()
 
 
-# --------------------------------------------------------------------------- stub servers
-
-
-class StubServer(ThreadingHTTPServer):
-    """Answers every request with `respond(method, path, query, body) -> (status, bytes)`,
-    after `delay_s`; records each request's arrival time and body."""
-
-    daemon_threads = True
-
-    def __init__(self, respond, delay_s=0.0):
-        self.respond, self.delay_s = respond, delay_s
-        self.arrivals: list[float] = []
-        self.bodies: list[bytes] = []
-        super().__init__(("127.0.0.1", 0), _StubHandler)
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _StubHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def _handle(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.server.arrivals.append(time.monotonic())
-        self.server.bodies.append(body)
-        time.sleep(self.server.delay_s)
-        split = urllib.parse.urlsplit(self.path)
-        query = dict(urllib.parse.parse_qsl(split.query))
-        status, payload = self.server.respond(self.command, split.path, query, body)
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-        except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
-            pass
-
-    do_GET = do_POST = _handle
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def stub():
-    servers = []
-
-    def start(respond, delay_s=0.0):
-        server = StubServer(respond, delay_s)
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+# --------------------------------------------------------------------------- stub protocols
 
 
 def wiki_protocol(method, path, query, body):
@@ -223,8 +160,8 @@ def test_server_unknown_path_is_404(retrieval_url):
 # --------------------------------------------------------------------------- wiki + SerpAPI
 
 
-def test_zerosearch_wiki_client(stub):
-    server = stub(wiki_protocol)
+def test_zerosearch_wiki_client(stub_server):
+    server = stub_server(wiki_protocol)
     client = ZeroSearchWikiClient(f"{server.url}/retrieve", topk=2, max_workers=4)
     results = client.search(["q one", "q two", "q three"])
     assert [r.documents for r in results] == [
@@ -237,8 +174,8 @@ def test_zerosearch_wiki_client(stub):
     assert client.stats.requests == 3 and client.stats.failures == 0
 
 
-def test_serpapi_client(stub, monkeypatch):
-    server = stub(serpapi_protocol)
+def test_serpapi_client(stub_server, monkeypatch):
+    server = stub_server(serpapi_protocol)
     monkeypatch.setenv("SERPAPI_API_KEY", SERPAPI_KEY)  # the key comes from the environment
     client = SerpAPIClient(topk=2, base_url=f"{server.url}/search")
     hit, empty = client.search(["Eiffel Tower", "no hits"])
@@ -257,8 +194,8 @@ def test_serpapi_needs_a_key(monkeypatch):
         SerpAPIClient(topk=5)
 
 
-def test_serpapi_rejected_key_is_not_retried_and_not_leaked(stub, caplog):
-    server = stub(serpapi_protocol)
+def test_serpapi_rejected_key_is_not_retried_and_not_leaked(stub_server, caplog):
+    server = stub_server(serpapi_protocol)
     client = SerpAPIClient(topk=2, api_key="wrong-secret", base_url=f"{server.url}/search",
                            retry=FAST)
     with caplog.at_level(logging.WARNING):
@@ -302,12 +239,12 @@ FAILURES = {
 
 @pytest.mark.parametrize("kind", ["searchr1", "zerosearch_wiki", "serpapi"])
 @pytest.mark.parametrize("mode", [*FAILURES, "closed_port"])
-def test_failures_are_retried_counted_and_answered_no_information(stub, caplog, kind, mode):
+def test_failures_are_retried_counted_and_answered_no_information(stub_server, caplog, kind, mode):
     if mode == "closed_port":
         server, base_url, why = None, closed_port_url(), "ConnectionError"
     else:
         status, body, delay_s, why = FAILURES[mode]
-        server = stub(lambda *_: (status, body), delay_s)
+        server = stub_server(lambda *_: (status, body), delay_s)
         base_url = server.url
     client = make_client(kind, base_url)
     queries = ["first query", "second query"]
@@ -330,32 +267,32 @@ def test_failures_are_retried_counted_and_answered_no_information(stub, caplog, 
     assert NO_INFORMATION in caplog.text
 
 
-def test_not_found_is_not_retried(stub):
-    server = stub(lambda *_: (404, b"no such route"))
+def test_not_found_is_not_retried(stub_server):
+    server = stub_server(lambda *_: (404, b"no such route"))
     client = make_client("searchr1", server.url)
     [result] = client.search(["q"])
     assert not result.ok and "HTTP 404 (not retried)" in result.error
     assert len(server.arrivals) == 1 and client.stats.retries == 0
 
 
-def test_recovers_when_a_retry_succeeds(stub):
+def test_recovers_when_a_retry_succeeds(stub_server):
     calls = []
 
     def flaky(*request):
         calls.append(1)
         return (503, b"busy") if len(calls) <= 2 else wiki_protocol(*request)
 
-    server = stub(flaky)
+    server = stub_server(flaky)
     client = ZeroSearchWikiClient(f"{server.url}/retrieve", topk=1, retry=FAST)
     [result] = client.search(["Paris"])
     assert result.ok and result.documents == ("Doc 1: passage 0 about Paris",)
     assert (client.stats.requests, client.stats.retries, client.stats.failures) == (3, 2, 0)
 
 
-def test_backoff_is_exponential_and_capped(stub):
+def test_backoff_is_exponential_and_capped(stub_server):
     policy = RetryPolicy(timeout_s=1.0, max_retries=3, backoff_s=0.05, max_backoff_s=0.08)
     assert [policy.delay(r) for r in (1, 2, 3)] == [0.05, 0.08, 0.08]
-    server = stub(lambda *_: (500, b"down"))
+    server = stub_server(lambda *_: (500, b"down"))
     client = ZeroSearchWikiClient(f"{server.url}/retrieve", topk=1, retry=policy)
     client.search(["q"])
     gaps = [b - a for a, b in zip(server.arrivals[:-1], server.arrivals[1:], strict=True)]

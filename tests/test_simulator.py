@@ -15,9 +15,6 @@
 import dataclasses
 import json
 import re
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -224,66 +221,13 @@ def test_noise_probability_and_contexts_are_validated(smollm2_tokenizer, tiny_lm
 # --------------------------------------------------------------------------- server client
 
 
-class ChatServer(ThreadingHTTPServer):
-    """Answers `POST` with `respond(path, body) -> (status, bytes)` after `delay_s`; records the
-    path, headers and body of every request."""
-
-    daemon_threads = True
-
-    def __init__(self, respond, delay_s=0.0):
-        self.respond, self.delay_s = respond, delay_s
-        self.requests: list[tuple[str, dict, bytes]] = []
-        super().__init__(("127.0.0.1", 0), _ChatHandler)
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _ChatHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.server.requests.append((self.path, dict(self.headers), body))
-        time.sleep(self.server.delay_s)
-        status, payload = self.server.respond(self.path, body)
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-        except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
-            pass
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def chat_server():
-    servers = []
-
-    def start(respond, delay_s=0.0):
-        server = ChatServer(respond, delay_s)
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
 def chat_reply(content) -> bytes:
     return json.dumps({"id": "x", "object": "chat.completion",
                        "choices": [{"index": 0, "message": {"role": "assistant",
                                                             "content": content}}]}).encode()
 
 
-def openai_simulator(path, body):
+def openai_simulator(method, path, query, body):
     """Writes three documents about the prompt's query (with blank lines, as real models do)."""
     request = json.loads(body)
     if path != "/v1/chat/completions":
@@ -293,8 +237,8 @@ def openai_simulator(path, body):
     return 200, chat_reply(f"Doc 1: {query} one\n\n\nDoc 2: {query} two\n\nDoc 3: {query} three")
 
 
-def test_server_client_posts_openai_chat_and_cleans_the_reply(chat_server):
-    server = chat_server(openai_simulator)
+def test_server_client_posts_openai_chat_and_cleans_the_reply(stub_server):
+    server = stub_server(openai_simulator)
     client = SimulatorServerClient(server.url + "/", model="sim-14b", topk=2, max_new_tokens=123,
                                    api_key="sk-local", retry=FAST)
     queries = ["Tralax founder", "Drumo Vaeth birthplace", "Qithra capital"]
@@ -320,8 +264,8 @@ def test_server_client_posts_openai_chat_and_cleans_the_reply(chat_server):
         1, 3, 3, 0, 0)
 
 
-def test_server_client_defaults_to_upstream_sampling(chat_server):
-    server = chat_server(openai_simulator)
+def test_server_client_defaults_to_upstream_sampling(stub_server):
+    server = stub_server(openai_simulator)
     client = SimulatorServerClient(server.url)
     [res] = client.search(["q"], contexts=[CTX_A])
     body = json.loads(server.requests[0][2])
@@ -341,9 +285,9 @@ FAILURES = {
 
 
 @pytest.mark.parametrize("mode", list(FAILURES))
-def test_server_failures_answer_no_information(chat_server, mode):
+def test_server_failures_answer_no_information(stub_server, mode):
     status, body, delay_s, why = FAILURES[mode]
-    server = chat_server(lambda *_: (status, body), delay_s)
+    server = stub_server(lambda *_: (status, body), delay_s)
     client = SimulatorServerClient(server.url, retry=FAST)
     results = client.search(["first", "second"], contexts=[CTX_A, CTX_B])
     for res in results:
@@ -355,14 +299,14 @@ def test_server_failures_answer_no_information(chat_server, mode):
     assert len(server.requests) == attempts
 
 
-def test_server_empty_reply_and_rejection_are_not_retried(chat_server):
-    server = chat_server(lambda *_: (200, chat_reply("\n\n")))
+def test_server_empty_reply_and_rejection_are_not_retried(stub_server):
+    server = stub_server(lambda *_: (200, chat_reply("\n\n")))
     client = SimulatorServerClient(server.url, retry=FAST)
     [res] = client.search(["q"], contexts=[CTX_A])
     assert not res.ok and res.error == "empty output" and res.text == NO_INFORMATION
     assert (client.stats.requests, client.stats.failures) == (1, 1)
 
-    server = chat_server(lambda *_: (401, b'{"error": "bad key"}'))
+    server = stub_server(lambda *_: (401, b'{"error": "bad key"}'))
     client = SimulatorServerClient(server.url, retry=FAST)
     [res] = client.search(["q"], contexts=[CTX_A])
     assert not res.ok and "HTTP 401 (not retried)" in res.error
