@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.tokenizer = ""  # defaults to the policy's.
     c.param_dtype = "float32"  # master weights and Adam moments: float32 | bfloat16.
     c.compute_dtype = "bfloat16"  # matmul inputs (float32 accumulation) and rollout weights.
-    c.remat = False  # rematerialize blocks in the backward pass (memory for large models).
+    c.remat = True  # rematerialize blocks in the backward pass (activation memory).
 
     # -- data ---------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.algorithm.estimator = "grpo"  # reinforce | grpo | gae (PPO) | reinforce_pp
     c.algorithm.ppo_epochs = 1
     c.algorithm.num_minibatches = 1
-    c.algorithm.micro_batch_size = 8
+    c.algorithm.micro_batch_size = 4
     c.algorithm.clip_low = 0.2
     c.algorithm.clip_high = 0.2
     c.algorithm.entropy_coef = 0.001
