@@ -4,6 +4,7 @@ from zerosearch_jax.agent.rollout import (
     EpisodeStats,
     RolloutBatch,
     RolloutConfig,
+    SearchCall,
     assemble_batch,
     observation_ids,
     prompt_ids,
@@ -21,6 +22,6 @@ from zerosearch_jax.agent.template import (
 
 __all__ = [
     "INVALID_ACTION", "POLICY_TEMPLATE", "STOP_TAGS", "Action", "EpisodeStats", "RolloutBatch",
-    "RolloutConfig", "assemble_batch", "information_block", "observation_ids", "parse_action",
+    "RolloutConfig", "SearchCall", "assemble_batch", "information_block", "observation_ids", "parse_action",
     "policy_prompt", "prompt_ids", "rollout",
 ]

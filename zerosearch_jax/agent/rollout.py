@@ -97,6 +97,21 @@ class RolloutBatch:
     prompt_length: int = flax.struct.field(pytree_node=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class SearchCall:
+    """One search the engine answered: what the simulator-tuning collector and the evaluation
+    traces record."""
+
+    turn: int
+    query: str
+    documents: tuple[str, ...]
+    useful: bool | None  # the simulator's coin flip; None for real engines
+    ok: bool
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"documents": list(self.documents)}
+
+
 @dataclasses.dataclass
 class EpisodeStats:
     """Per-episode host metadata ([B] arrays / lists) and the rollout's timings."""
@@ -115,6 +130,7 @@ class EpisodeStats:
     noise_probability: float | None
     timings: dict[str, float]
     generated_tokens: int
+    calls: list[list[SearchCall]] = dataclasses.field(default_factory=list)  # per episode
 
     def summary(self) -> dict[str, float]:
         """Batch means for logging."""
@@ -288,6 +304,7 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
     noisy_calls = np.zeros(B, np.int32)
     truncated = np.zeros(B, bool)
     generated = 0
+    calls: list[list[SearchCall]] = [[] for _ in range(B)]
     timings["policy_s"] += time.perf_counter() - t0
 
     for turn in range(rc.max_turns + 1):
@@ -333,9 +350,10 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
             contexts = [QueryContext(rows[i].question, rows[i].golden_answers)
                         for i in search_rows]
             results = engine.search(queries, contexts=contexts)
-            for i, res in zip(search_rows, results, strict=True):
+            for i, query, res in zip(search_rows, queries, results, strict=True):
                 observations[i] = information_block(res.text)
                 useful = res.metadata.get("useful")
+                calls[i].append(SearchCall(turn, query, tuple(res.documents), useful, res.ok))
                 useful_calls[i] += useful is True
                 noisy_calls[i] += useful is False
             timings["search_s"] += time.perf_counter() - t0
@@ -378,6 +396,6 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
         useful_calls=useful_calls, noisy_calls=noisy_calls, truncated=truncated, noise_probability=(
             getattr(engine, "noise_probability", None) if noise_probability is None
             else noise_probability),
-        timings=timings, generated_tokens=generated)
+        timings=timings, generated_tokens=generated, calls=calls)
     return batch, stats
 
