@@ -8,7 +8,13 @@ CPU in well under 20 minutes:
     python -m zerosearch_jax.train --config=configs/default.py --workdir=runs/default
 """
 
+import os
+import sys
+
 import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import simulator_sft  # noqa: E402
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -46,11 +52,18 @@ def get_config() -> ml_collections.ConfigDict:
     # -- simulated search engine used for training --------------------------------------------
     c.simulator = ml_collections.ConfigDict()
     c.simulator.kind = "llm"  # llm (in process) | server (OpenAI-compatible) | bm25 | searchr1
-    c.simulator.model = "smollm2-135m-instruct"  # llm: model of the simulator.
+    c.simulator.model = "smollm2-135m-instruct"  # llm: the simulator (the base, if tuned).
+    # Stage 1 of the run: tune simulator.model with the simulator-SFT pipeline (collect BM25
+    # results on the world, label, fine-tune; about 5 minutes here), cached in
+    # <workdir>/simulator_sft; its settings are configs/simulator_sft.py's.
+    c.simulator.tune = True
+    c.simulator.sft = simulator_sft.get_config()
+    c.simulator.sft.seed = c.get_ref("seed")
+    c.simulator.sft.data.synthetic_seed = c.data.get_ref("synthetic_seed")  # the same world
     c.simulator.url = ""  # server / searchr1: endpoint.
-    c.simulator.variant = "prompted"  # finetuned | prompted (no SFT: one-shot demo).
-    c.simulator.prime_reply = True  # start the reply with "Doc 1:" (small prompted models).
-    c.simulator.max_new_tokens = 96  # upstream: 600.
+    c.simulator.variant = "finetuned"  # finetuned (SFT prompt) | prompted (one-shot demo).
+    c.simulator.prime_reply = False  # start the reply with "Doc 1:" (small prompted models).
+    c.simulator.max_new_tokens = 160  # upstream: 600 (five ~24-word documents fit in 160).
     c.simulator.temperature = 0.8
     c.simulator.topk = 5
 
@@ -106,4 +119,16 @@ def get_config() -> ml_collections.ConfigDict:
     # -- mesh ------------------------------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices.
+    # (logical axis, mesh axes) pairs placing weights, KV caches and batches (sharding.py).
+    c.mesh.axis_rules = (
+        ("batch", ("data", "fsdp")),  # rollout and update batches: data parallel.
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),  # weights fully sharded over fsdp (gathered layer by layer).
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),  # also the KV cache's heads.
+        ("head_dim", None),
+    )
+    c.mesh.simulator_devices = 0  # >0: the llm simulator gets the last n devices of each host.
+    c.mesh.simulator_shape = (-1, 1, 1)  # (data, fsdp, tensor) of that simulator sub-mesh.
     return c

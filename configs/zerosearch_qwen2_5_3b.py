@@ -66,4 +66,8 @@ def get_config(policy="Qwen/Qwen2.5-3B", noise_start=0.0, noise_end=0.25,
     c.checkpoint.keep = 3
     # Fully sharded data parallel over every chip (e.g. a v4-32 or v5e-32 slice).
     c.mesh.shape = (1, -1, 1)
+    # mesh.axis_rules: the default's (batch over data x fsdp, every weight's embed axis over fsdp).
+    # The 14B simulator is served by SGLang on its own machines; an in-process simulator
+    # (simulator.kind = "llm") could take e.g. 4 chips per host here instead.
+    c.mesh.simulator_devices = 0
     return c

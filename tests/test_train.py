@@ -98,9 +98,45 @@ def test_nonfinite_updates_stop_the_run_with_the_last_good_checkpoint(policy_dir
     assert glob.glob(str(tmp_path / "checkpoints" / "*"))
 
 
-@pytest.mark.parametrize("name", sorted(
+def test_sigterm_checkpoints_at_the_step_end_and_the_run_resumes(policy_dir, tmp_path):
+    # No periodic checkpoint (checkpoint.every=100): the only one is the preemption's.
+    flags = tiny_run_flags(policy_dir, tmp_path, steps=6, **{"checkpoint.every": 100})
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, "-m", "zerosearch_jax.train", *flags], cwd=ROOT,
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and any(json.loads(line)["step"] >= 1
+                                    for line in metrics.read_text().splitlines() if line):
+            break
+        time.sleep(0.1)
+    assert p.poll() is None, "the run ended before the signal"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert "preempted: checkpoint saved at step" in err
+    saved = sorted(int(os.path.basename(d)) for d in glob.glob(str(tmp_path / "checkpoints" / "*"))
+                   if os.path.basename(d).isdigit())
+    assert len(saved) == 1 and 1 <= saved[0] < 6
+    assert not os.path.exists(tmp_path / "hf_policy")
+    proc = _run(flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"at step {saved[0]}" in proc.stderr
+    steps = [json.loads(line)["step"] for line in open(metrics)]
+    assert steps[-1] == 6 and len(steps) == len(set(steps)) and steps == sorted(steps)
+
+
+TRAINING_CONFIGS = sorted(
     os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-    if not p.endswith("__init__.py")))
+    if os.path.basename(p) == "default.py" or os.path.basename(p).startswith("zerosearch_"))
+
+
+def test_training_configs_are_found():
+    assert "default" in TRAINING_CONFIGS and len(TRAINING_CONFIGS) >= 6
+
+
+@pytest.mark.parametrize("name", TRAINING_CONFIGS)
 def test_every_config_file_validates(name):
     import importlib
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from zerosearch_jax import agent, curriculum, models, sampling, search
+from zerosearch_jax import agent, curriculum, models, sampling, search, sharding
 from zerosearch_jax.data import qa, synthetic
 from zerosearch_jax.data.iterator import DataIterator
 from zerosearch_jax.rl import algorithms as algo
@@ -55,6 +55,9 @@ class Settings:
     sampler: Any
     schedule: Any
     mesh_shape: tuple[int, int, int]
+    axis_rules: tuple = sharding.DEFAULT_RULES
+    simulator_devices: int = 0
+    simulator_mesh_shape: tuple[int, int, int] = (-1, 1, 1)
 
 
 def _check(condition: bool, key: str, value: Any, expected: str) -> None:
@@ -79,8 +82,24 @@ def build_settings(c: ml_collections.ConfigDict) -> Settings:
     _check(c.checkpoint.keep >= 1, "checkpoint.keep", c.checkpoint.keep, ">= 1")
     _check(c.data.on_error in ("raise", "skip"), "data.on_error", c.data.on_error,
            "raise or skip")
-    _check(len(tuple(c.mesh.shape)) == 3, "mesh.shape", c.mesh.shape,
-           "(data, fsdp, tensor), -1 for one inferred axis")
+    for key in ("shape", "simulator_shape"):
+        shape = tuple(c.mesh[key])
+        _check(len(shape) == 3 and shape.count(-1) <= 1 and all(
+            isinstance(x, int) and (x >= 1 or x == -1) for x in shape), f"mesh.{key}", shape,
+            "(data, fsdp, tensor) sizes >= 1, with at most one -1 (inferred)")
+    try:
+        axis_rules = sharding.check_rules(c.mesh.axis_rules)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh.axis_rules: {e}") from None
+    if c.simulator.kind == "llm" and c.simulator.get("tune"):
+        from zerosearch_jax.simulator_sft import pipeline
+
+        pipeline.build_settings(c.simulator.sft, prefix="config.simulator.sft.")
+    _check(c.mesh.simulator_devices >= 0, "mesh.simulator_devices", c.mesh.simulator_devices,
+           ">= 0 (0: the simulator shares the training devices)")
+    _check(c.mesh.simulator_devices == 0 or c.simulator.kind == "llm", "mesh.simulator_devices",
+           c.mesh.simulator_devices, f"0 with simulator.kind={c.simulator.kind!r} (a sub-mesh "
+           "is for the in-process llm simulator)")
     try:
         schedule = curriculum.get_schedule(c.curriculum.schedule)
         schedule(1, c.total_steps, c.curriculum.start, c.curriculum.end)
@@ -114,21 +133,32 @@ def build_settings(c: ml_collections.ConfigDict) -> Settings:
         _check(c.optim[key] > 0, f"optim.{key}", c.optim[key], "> 0")
     for key in ("warmup_ratio", "critic_warmup_ratio"):
         _check(0 <= c.optim[key] <= 1, f"optim.{key}", c.optim[key], "in [0, 1]")
-    return Settings(rollout, update, sampler, schedule, tuple(int(x) for x in c.mesh.shape))
+    return Settings(rollout, update, sampler, schedule, tuple(int(x) for x in c.mesh.shape),
+                    axis_rules, int(c.mesh.simulator_devices),
+                    tuple(int(x) for x in c.mesh.simulator_shape))
 
 
-def make_mesh(shape: tuple[int, int, int]) -> jax.sharding.Mesh:
-    devices = jax.devices()
-    shape = list(shape)
-    if shape.count(-1) > 1:
-        raise ConfigError(f"config.mesh.shape = {tuple(shape)}: at most one -1")
-    if -1 in shape:
-        known = int(np.prod([s for s in shape if s != -1]))
-        shape[shape.index(-1)] = len(devices) // known
-    if int(np.prod(shape)) != len(devices):
-        raise ConfigError(f"config.mesh.shape = {tuple(shape)} needs {int(np.prod(shape))} "
-                          f"devices, have {len(devices)}")
-    return jax.sharding.Mesh(np.array(devices).reshape(shape), ("data", "fsdp", "tensor"))
+def make_meshes(settings: Settings, batch_size: int) -> sharding.Meshes:
+    """The run's placements on the devices there are (every process's): checks what needs the
+    device count, naming the config key."""
+    try:
+        meshes = sharding.make_meshes(settings.mesh_shape, settings.axis_rules,
+                                      settings.simulator_devices, settings.simulator_mesh_shape)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh: {e}") from None
+    shards = meshes.train.batch_shards
+    _check(batch_size % shards == 0, "prompts_per_step", batch_size // settings.rollout
+           .samples_per_prompt, f"prompts_per_step x rollout.samples_per_prompt = {batch_size} "
+           f"rows to be a multiple of the {shards} batch shards of mesh "
+           f"{dict(meshes.train.mesh.shape)}")
+    try:
+        start, stop = meshes.train.process_rows(batch_size)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh.axis_rules: {e}") from None
+    n = settings.rollout.samples_per_prompt
+    _check(start % n == 0 and stop % n == 0, "prompts_per_step", batch_size // n,
+           f"a multiple of the {jax.process_count()} processes (each rolls out whole questions)")
+    return meshes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,24 +185,60 @@ def _world_passages(c) -> list[search.Passage]:
     return [search.Passage.from_contents(p["id"], p["contents"]) for p in world.passages]
 
 
+def make_real_engine(kind: str, c: ml_collections.ConfigDict, *, corpus: str = "",
+                     url: str = "", topk: int = 3) -> search.SearchEngine:
+    """A real engine: `bm25` over the synthetic world's passages (corpus "") or a corpus
+    ("wiki" or a Search-R1 jsonl), the Search-R1 HTTP retriever at `url`, or SerpAPI."""
+    if kind == "bm25":
+        passages = _world_passages(c) if not corpus else search.load_corpus(corpus)
+        return search.BM25SearchEngine.build(passages, topk=topk)
+    if kind == "searchr1":
+        return search.SearchR1RetrieverClient(url, topk=topk)
+    if kind == "serpapi":
+        return search.SerpAPIClient(topk=topk)
+    raise ConfigError(f"engine {kind!r}: expected bm25, searchr1 or serpapi")
+
+
 def make_validation_engine(c: ml_collections.ConfigDict) -> search.SearchEngine:
     v = c.validation
-    if v.engine == "bm25":
-        passages = (_world_passages(c) if not v.corpus else search.load_corpus(v.corpus))
-        return search.BM25SearchEngine.build(passages, topk=v.topk)
-    if v.engine == "searchr1":
-        return search.SearchR1RetrieverClient(v.url, topk=v.topk)
-    return search.SerpAPIClient(topk=v.topk)
+    return make_real_engine(v.engine, c, corpus=v.corpus, url=v.url, topk=v.topk)
 
 
-def make_training_engine(c: ml_collections.ConfigDict, policy: tuple, tokenizer: Tokenizer):
+def tune_simulator(c: ml_collections.ConfigDict, workdir: str) -> str:
+    """The simulator-tuning pipeline (`zerosearch_jax.simulator_sft`) as the run's first stage,
+    on `simulator.model` with the `simulator.sft` settings, in `<workdir>/simulator_sft`; a
+    finished stage is reused (its HF export is the cache). Returns the tuned model's directory.
+    """
+    from zerosearch_jax.simulator_sft import pipeline
+
+    sft_dir = os.path.join(workdir, "simulator_sft")
+    hf_dir = os.path.join(sft_dir, "hf")
+    if pipeline.is_exported(hf_dir):
+        logger.info("using the tuned simulator in %s", hf_dir)
+        return hf_dir
+    if jax.process_count() > 1:
+        raise ConfigError("config.simulator.tune runs on one host: tune first with "
+                          "`python -m zerosearch_jax.simulator_sft`, then set simulator.model "
+                          "to its hf/ directory and simulator.tune=False")
+    logger.info("stage 1: tuning the simulator (%s) in %s", c.simulator.model, sft_dir)
+    sft = c.simulator.sft
+    with sft.unlocked():
+        sft.simulator = c.simulator.model
+    return pipeline.run(sft, sft_dir)
+
+
+def make_training_engine(c: ml_collections.ConfigDict, policy: tuple, tokenizer: Tokenizer,
+                         model: str | None = None):
+    """The engine the policy trains against. model: overrides `simulator.model` (the tuned
+    simulator's directory)."""
     s = c.simulator
     if s.kind == "llm":
-        if s.model == c.policy:  # the same (frozen, compute-dtype) weights as the reference
+        model = model or s.model
+        if model == c.policy:  # the same (frozen, compute-dtype) weights as the reference
             config, params = policy
         else:
-            config, params = models.load_pretrained(s.model, dtype=jnp.dtype(c.compute_dtype))
-            tokenizer = Tokenizer.from_pretrained(s.model)
+            config, params = models.load_pretrained(model, dtype=jnp.dtype(c.compute_dtype))
+            tokenizer = Tokenizer.from_pretrained(model)
         return search.LLMSimulator(
             config, params, tokenizer, variant=s.variant, topk=s.topk,
             temperature=s.temperature, max_new_tokens=s.max_new_tokens,
@@ -191,18 +257,33 @@ def make_training_engine(c: ml_collections.ConfigDict, policy: tuple, tokenizer:
 # ----------------------------------------------------------------------------------------------
 
 
-def validate(config, params, tokenizer, examples, engine, settings: Settings, seed: int):
-    """Greedy episodes on the validation questions: EM / cover EM / F1, overall and per source."""
+def validate(config, params, tokenizer, examples, engine, settings: Settings, seed: int,
+             placement: sharding.Placement | None = None):
+    """Greedy episodes on the validation questions: EM / cover EM / F1, overall and per source.
+
+    With several processes each one rolls out every process_count-th question (params on its
+    `placement`) and the per-question scores are gathered, so all return the same numbers.
+    """
     rc = dataclasses.replace(settings.rollout, samples_per_prompt=1)
-    _, stats = agent.rollout(config, params, tokenizer, examples, engine, rollout_config=rc,
-                             sampler=sampling.Greedy(), rng=seed)
-    out = {"f1": float(stats.f1.mean()), "em": float(stats.em.mean()),
-           "cover_em": float(stats.cover_em.mean()), "searches": float(stats.searches.mean())}
+    n_proc, me = jax.process_count(), jax.process_index()
+    mine = examples[me::n_proc]
+    _, stats = agent.rollout(config, params, tokenizer, mine, engine, rollout_config=rc,
+                             sampler=sampling.Greedy(), rng=seed, placement=placement)
+    scores = np.stack([stats.f1, stats.em, stats.cover_em, stats.searches]).astype(np.float64)
+    if n_proc > 1:
+        padded = np.full((len(scores), -(-len(examples) // n_proc)), np.nan)
+        padded[:, :len(mine)] = scores
+        gathered = sharding.allgather(padded)  # [process, score, slot]
+        i = np.arange(len(examples))  # question i is process i % n's (i // n)-th
+        scores = gathered[i % n_proc, :, i // n_proc].T
+    f1, em, cover_em, searches = scores
+    out = {"f1": float(f1.mean()), "em": float(em.mean()), "cover_em": float(cover_em.mean()),
+           "searches": float(searches.mean())}
     sources = np.array([e.data_source for e in examples])
     for src in sorted(set(sources)):
         sel = sources == src
-        out[f"{src}/f1"] = float(stats.f1[sel].mean())
-        out[f"{src}/cover_em"] = float(stats.cover_em[sel].mean())
+        out[f"{src}/f1"] = float(f1[sel].mean())
+        out[f"{src}/cover_em"] = float(cover_em[sel].mean())
     return out
 
 
@@ -228,6 +309,16 @@ def _batch_dict(batch: agent.RolloutBatch) -> dict[str, np.ndarray]:
             ("tokens", "attention_mask", "positions", "loss_mask", "rewards", "group")}
 
 
+def _across_processes(local: dict[str, float]) -> dict[str, float]:
+    """Every process's step metrics reduced to the same numbers on each: the mean of the
+    per-process means (every process rolls out as many episodes) and the slowest process's
+    `time/*`."""
+    keys = sorted(local)
+    rows = sharding.allgather(np.array([local[k] for k in keys], np.float64))
+    return {k: float(rows[:, i].max() if k.startswith("time/") else rows[:, i].mean())
+            for i, k in enumerate(keys)}
+
+
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Runs (or resumes) training; returns the final validation metrics."""
     settings = build_settings(c)  # every config check, before any work
@@ -238,12 +329,22 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     from zerosearch_jax.metrics import MetricsWriter
     from zerosearch_jax.plot import plot_run
 
+    rc = settings.rollout
+    batch_size = c.prompts_per_step * rc.samples_per_prompt
+    meshes = make_meshes(settings, batch_size)  # the checks that need the device count
+    _check(c.data.validation_size >= jax.process_count(), "data.validation_size",
+           c.data.validation_size, f">= the {jax.process_count()} processes")
+    # This process rolls out the questions whose rows its training devices hold (all of them
+    # in a single process), so its rows become its part of the global batch as they are.
+    row_start, row_stop = meshes.train.process_rows(batch_size)
+    first_question = row_start // rc.samples_per_prompt
+    my_questions = slice(first_question, row_stop // rc.samples_per_prompt)
+
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(c.to_json_best_effort(indent=2))
-    mesh = make_mesh(settings.mesh_shape)
 
     # -- models ---------------------------------------------------------------------------------
     # Master weights (and Adam moments) in param_dtype; rollouts, the frozen reference and the
@@ -253,9 +354,15 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     tokenizer = Tokenizer.from_pretrained(c.tokenizer or c.policy)
     model_config, params = models.load_pretrained(c.policy, dtype=jnp.dtype(c.param_dtype))
     to_compute = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(compute), p))
-    ref_params = to_compute(params)  # the frozen initial policy
-    train_engine = make_training_engine(c, (model_config, ref_params), tokenizer)
+    # The frozen initial policy, placed like the policy (scoring reads it every step).
+    ref_params = meshes.train.put(to_compute(params), meshes.train.param_shardings(model_config))
+    simulator_model = (tune_simulator(c, workdir)
+                       if c.simulator.kind == "llm" and c.simulator.get("tune") else None)
+    train_engine = make_training_engine(c, (model_config, ref_params), tokenizer,
+                                        simulator_model)
     val_engine = make_validation_engine(c)
+    if isinstance(train_engine, search.LLMSimulator):
+        train_engine.place(meshes.simulator)  # its own sub-mesh, or the rollout devices
 
     uc = settings.update
     total = c.total_steps
@@ -265,7 +372,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     critic_opt = (ts.make_optimizer(c.optim.critic_lr, total, c.optim.critic_warmup_ratio,
                                     (c.optim.b1, c.optim.b2), c.optim.weight_decay,
                                     c.optim.grad_clip) if uc.uses_critic else None)
-    fns = ts.make_train_fns(model_config, uc, actor_opt, critic_opt, mesh=mesh)
+    fns = ts.make_train_fns(model_config, uc, actor_opt, critic_opt, mesh=meshes.train.mesh,
+                            rules=meshes.train.rules)
     critic = (ts.init_critic(model_config, params, jax.random.key(c.seed))
               if uc.uses_critic else None)
     state = fns.init_state(params, critic)
@@ -301,19 +409,24 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                                     meta=ocp.args.JsonSave(meta)), force=True)
         manager.wait_until_finished()
 
+    rollout_sharding = meshes.rollout.param_shardings(model_config)
+
+    def rollout_params():
+        """A compute-dtype copy of the policy on this process's rollout devices."""
+        return meshes.rollout.put(to_compute(state.params), rollout_sharding)
+
     preempted = _Preempted()
     base_key = jax.random.key(c.seed)
     val_metrics: dict[str, float] = {}
     if start == 0:
-        val_metrics = validate(model_config, to_compute(state.params), tokenizer, val_examples,
-                               val_engine, settings, c.seed)
+        val_metrics = validate(model_config, rollout_params(), tokenizer, val_examples,
+                               val_engine, settings, c.seed, meshes.rollout)
         writer.write(0, val_metrics, prefix="val/")
         logger.info("validation before training: %s", _fmt(val_metrics))
 
     # Fixed batch shapes, so scoring and the update compile once: the response length is the
     # longest possible episode; the prompt length only grows (to the next bucket) if a longer
     # prompt shows up.
-    rc = settings.rollout
     response_length = -(-((rc.max_turns + 1) * rc.max_new_tokens
                           + rc.max_turns * rc.max_obs_tokens) // 64) * 64
     prompt_length = 0
@@ -324,19 +437,24 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         t0 = time.perf_counter()
         key = jax.random.fold_in(base_key, step)
         p_noise = settings.schedule(step + 1, total, c.curriculum.start, c.curriculum.end)
-        if hasattr(train_engine, "reseed"):
-            train_engine.reseed(c.seed * 1_000_003 + step)
+        if hasattr(train_engine, "reseed"):  # each process's simulator flips its own coins
+            train_engine.reseed((c.seed * 1_000_003 + step) * jax.process_count()
+                                + jax.process_index())
+        # Every process draws the same questions (same seed) and rolls out its own slice; the
+        # lengths come from all of them, so every process builds the same global shapes.
         questions = data.next_batch(c.prompts_per_step)
         prompt_length = max(prompt_length, sampling.bucket_length(max(
             len(agent.prompt_ids(tokenizer, q.question, rc.chat_template)) for q in questions)))
-        batch, stats = agent.rollout(model_config, to_compute(state.params), tokenizer, questions,
-                                     train_engine, rollout_config=settings.rollout,
-                                     sampler=settings.sampler, rng=key,
-                                     noise_probability=p_noise,
-                                     batch_lengths=(prompt_length, response_length))
+        batch, stats = agent.rollout(model_config, rollout_params(), tokenizer,
+                                     questions[my_questions], train_engine,
+                                     rollout_config=settings.rollout, sampler=settings.sampler,
+                                     rng=key, noise_probability=p_noise,
+                                     batch_lengths=(prompt_length, response_length),
+                                     placement=meshes.rollout, first_example=first_question)
         t_rollout = time.perf_counter() - t0
         t1 = time.perf_counter()
-        scored = fns.score(state.params, ref_params, state.critic_params, _batch_dict(batch))
+        scored = fns.score(state.params, ref_params, state.critic_params,
+                           meshes.train.put_batch(_batch_dict(batch), batch_size))
         state, update_metrics = fns.update(state, scored, jax.random.fold_in(key, 1))
         update_metrics = {k: float(v) for k, v in jax.device_get(update_metrics).items()}
         t_update = time.perf_counter() - t1
@@ -352,37 +470,44 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 f"(max_nonfinite_steps={c.max_nonfinite_steps}); stopping. The last good "
                 f"checkpoint (step {manager.latest_step()}) in {ckpt_dir} is intact.")
 
-        response_tokens = float(batch.attention_mask[:, batch.prompt_length:].sum(1).mean())
-        step_tokens = float(batch.attention_mask.sum())
-        metrics = {**stats.summary(), "curriculum/noise_probability": p_noise,
-                   "episode/response_tokens": response_tokens,
+        local = {**stats.summary(), "time/rollout_s": t_rollout, "time/update_s": t_update,
+                 "episode/response_tokens":
+                     float(batch.attention_mask[:, batch.prompt_length:].sum(1).mean()),
+                 "tokens/generated": float(stats.generated_tokens),
+                 "tokens/step": float(batch.attention_mask.sum())}
+        rollout_metrics = _across_processes(local)
+        generated = rollout_metrics.pop("tokens/generated") * jax.process_count()
+        step_tokens = rollout_metrics.pop("tokens/step") * jax.process_count()
+        metrics = {**rollout_metrics, "curriculum/noise_probability": p_noise,
                    **{f"train/{k}": v for k, v in update_metrics.items()},
-                   "throughput/rollout_tokens_per_s": stats.generated_tokens / t_rollout,
-                   "throughput/update_tokens_per_s": step_tokens / t_update,
-                   "time/rollout_s": t_rollout, "time/update_s": t_update,
+                   "throughput/rollout_tokens_per_s": generated / rollout_metrics["time/rollout_s"],
+                   "throughput/update_tokens_per_s": step_tokens / rollout_metrics["time/update_s"],
                    "data/epoch": data.epoch}
         done = step + 1
         if done % c.validation.every == 0 or done == total:
-            val_metrics = validate(model_config, to_compute(state.params), tokenizer,
-                                   val_examples, val_engine, settings, c.seed)
+            val_metrics = validate(model_config, rollout_params(), tokenizer, val_examples,
+                                   val_engine, settings, c.seed, meshes.rollout)
             metrics.update({f"val/{k}": v for k, v in val_metrics.items()})
         writer.write(done, metrics)
         bar.set_postfix(f1=f"{metrics['reward/f1']:.3f}", p=f"{p_noise:.2f}",
                         kl=f"{update_metrics.get('kl_loss', 0.0):.4f}")
+        # A SIGTERM seen by any process stops all of them at the same step (they save together).
+        stop = bool(sharding.allgather(np.array(preempted.flag)).any())
         # A step whose update was skipped is not saved: the last checkpoint stays the last good one.
-        if (done % c.checkpoint.every == 0 or done == total or preempted.flag) \
-                and not nonfinite_streak:
+        if (done % c.checkpoint.every == 0 or done == total or stop) and not nonfinite_streak:
             save(done)
-        if preempted.flag:
+        if stop:
             logger.warning("preempted: checkpoint saved at step %d; exiting", done)
             writer.close()
             sys.exit(0)
 
     writer.close()
+    # Gathered on every process (a collective), written by one.
+    host_params = sharding.to_host(state.params) if c.export_hf else None
     if is_main:
         plot_run(workdir)
         if c.export_hf:
-            models.save_pretrained(model_config, jax.device_get(state.params),
+            models.save_pretrained(model_config, host_params,
                                    os.path.join(workdir, "hf_policy"), tokenizer=tokenizer)
         with open(os.path.join(workdir, "final_validation.json"), "w") as f:
             json.dump(val_metrics, f, indent=2)
@@ -402,12 +527,31 @@ def main(argv=None):
                                "default.py"), "ml_collections config file", lock_config=True)
     workdir_flag = flags.DEFINE_string("workdir", None, "run directory (resumes if it holds "
                                        "checkpoints)", required=True)
+    distributed = flags.DEFINE_bool(
+        "distributed", False, "multi-host: jax.distributed.initialize() with the cluster "
+        "auto-detected (Cloud TPU pod slices, SLURM); see --coordinator_address otherwise")
+    coordinator = flags.DEFINE_string(
+        "coordinator_address", None, "multi-host by hand: host:port of process 0's coordinator "
+        "(with --num_processes and --process_id)")
+    num_processes = flags.DEFINE_integer("num_processes", None, "with --coordinator_address")
+    process_id = flags.DEFINE_integer("process_id", None, "with --coordinator_address")
 
     def run(_):
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         for noisy in ("absl", "jax._src", "bm25s", "orbax", "httpx"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # Before anything touches a device: afterwards jax.devices() lists every process's.
+        if coordinator.value:
+            if num_processes.value is None or process_id.value is None:
+                print("error: --coordinator_address needs --num_processes and --process_id",
+                      file=sys.stderr)
+                return 2
+            jax.distributed.initialize(coordinator_address=coordinator.value,
+                                       num_processes=num_processes.value,
+                                       process_id=process_id.value)
+        elif distributed.value:
+            jax.distributed.initialize()
         try:
             metrics = train(config_flag.value, workdir_flag.value)
         except ConfigError as e:

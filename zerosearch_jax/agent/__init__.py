@@ -22,6 +22,6 @@ from zerosearch_jax.agent.template import (
 
 __all__ = [
     "INVALID_ACTION", "POLICY_TEMPLATE", "STOP_TAGS", "Action", "EpisodeStats", "RolloutBatch",
-    "RolloutConfig", "SearchCall", "assemble_batch", "information_block", "observation_ids", "parse_action",
-    "policy_prompt", "prompt_ids", "rollout",
+    "RolloutConfig", "SearchCall", "assemble_batch", "information_block", "observation_ids",
+    "parse_action", "policy_prompt", "prompt_ids", "rollout",
 ]

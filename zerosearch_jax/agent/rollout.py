@@ -16,9 +16,12 @@ One KV cache per batch lives across all turns of an episode:
 - After `max_turns` searches the final turn's search results are discarded and the episode ends.
 
 Device work is three jitted programs (prefill / append a chunk, decode a turn) on donated
-caches; everything else (text, parsing, engines) is host work between them. The design card's
-next step, one jitted program for a whole episode when the simulator runs in process, can reuse
-these pieces.
+caches; everything else (text, parsing, engines) is host work between them. With a
+`sharding.Placement` the cache and the batch are split along its batch axes (the params are
+wherever the caller placed them). Every row samples from its own key, derived from the global
+index of its example, so an episode does not depend on the batch or process it ran in. The
+design card's next step, one jitted program for a whole episode when the simulator runs in
+process, can reuse these pieces.
 
 The result is a `RolloutBatch` ready for RL: [B, T] arrays with the prompt left-padded to P and
 the response right-padded to R, a loss mask that is 1 exactly on the policy's sampled tokens, the
@@ -131,6 +134,7 @@ class EpisodeStats:
     timings: dict[str, float]
     generated_tokens: int
     calls: list[list[SearchCall]] = dataclasses.field(default_factory=list)  # per episode
+    turns: list[list[str]] = dataclasses.field(default_factory=list)  # policy turn texts
 
     def summary(self) -> dict[str, float]:
         """Batch means for logging."""
@@ -155,12 +159,29 @@ class _Piece:
     logprobs: np.ndarray | None = None  # [n] float32 for policy pieces
 
 
+def _extend_chunk(config, params, tokens, token_mask, cache, *, last_only, kv_length,
+                  placement):
+    logits, cache = models.extend(config, params, tokens, token_mask, cache,
+                                  last_only=last_only, kv_length=kv_length)
+    if placement is not None:
+        cache = placement.constrain_cache(config, cache)
+    return logits, cache
+
+
+def _empty_cache(config, batch_size, length, dtype, placement):
+    cache = models.init_cache(config, batch_size, length, dtype)
+    return cache if placement is None else placement.constrain_cache(config, cache)
+
+
 # Jitted once per shape; the caches are donated so every step updates them in place.
-_extend = jax.jit(models.extend, static_argnums=0, static_argnames=("last_only", "kv_length"),
+_extend = jax.jit(_extend_chunk, static_argnums=0,
+                  static_argnames=("last_only", "kv_length", "placement"),
                   donate_argnames=("cache",))
 _decode = jax.jit(sampling.decode, static_argnums=0,
-                  static_argnames=("sampler", "max_new_tokens", "stop", "kv_length"),
+                  static_argnames=("sampler", "max_new_tokens", "stop", "kv_length", "placement"),
                   donate_argnums=(2,))
+# Sharded caches are created sharded: a whole-batch cache never sits on one device.
+_init_cache = jax.jit(_empty_cache, static_argnums=(0, 1, 2, 3, 4))
 _WINDOW = 128  # attention windows are rounded up to this many slots (few compiled shapes)
 
 
@@ -241,13 +262,18 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
             rollout_config: RolloutConfig = RolloutConfig(),
             sampler=sampling.TopP(0.95, temperature=1.0), rng: Array | int = 0,
             noise_probability: float | None = None, cache_dtype=None,
-            batch_lengths: tuple[int, int] | None = None) -> tuple[RolloutBatch, EpisodeStats]:
+            batch_lengths: tuple[int, int] | None = None, placement=None,
+            first_example: int = 0) -> tuple[RolloutBatch, EpisodeStats]:
     """Runs `samples_per_prompt` episodes of every example and returns the RL batch.
 
     noise_probability: the curriculum's value for this step, given to engines that have one
     (the simulator); None leaves the engine as it is.
     batch_lengths: (P, R) of the returned batch; a trainer fixes them so its update compiles
     once (default: the longest prompt / response, bucketed).
+    placement: a `sharding.Placement` (params already on its mesh): cache and batch are split
+    along its batch axes.
+    first_example: the index of `examples[0]` in the step's full list of questions, when this
+    call rolls out a slice of them (one process of several): row keys and group ids are global.
     """
     rc = rollout_config
     if not examples:
@@ -261,7 +287,7 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
 
     # Rows: every example repeated n times, grouped.
     rows = [ex for ex in examples for _ in range(rc.samples_per_prompt)]
-    group = np.repeat(np.arange(len(examples)), rc.samples_per_prompt)
+    group = first_example + np.repeat(np.arange(len(examples)), rc.samples_per_prompt)
     B = len(rows)
     prompts = []
     for ex in rows:
@@ -271,7 +297,7 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
                              f"max_prompt_tokens={rc.max_prompt_tokens}")
         prompts.append(np.asarray(ids, np.int32))
 
-    Bp = sampling.bucket_batch(B)
+    Bp = sampling.bucket_batch(B, 1 if placement is None else placement.batch_shards)
     P = sampling.bucket_length(max(len(p) for p in prompts))
     obs_cap = sampling.bucket_length(rc.max_obs_tokens)
     N = rc.max_new_tokens
@@ -285,10 +311,16 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
         ids[i, P - len(p):] = p
         mask[i, P - len(p):] = True
     mask[B:, -1] = True  # batch-padding rows hold one dummy token
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+        rng, first_example * rc.samples_per_prompt + np.arange(Bp))
+
+    def on_device(x):
+        return x if placement is None else jax.device_put(x, placement.batch_sharding(x.ndim))
+
     t0 = time.perf_counter()
-    cache = models.init_cache(config, Bp, S, cache_dtype)
-    logits, cache = _extend(config, params, ids, mask, cache, last_only=True,
-                            kv_length=_window(0, P, S))
+    cache = _init_cache(config, Bp, S, jnp.dtype(cache_dtype), placement)
+    logits, cache = _extend(config, params, on_device(ids), on_device(mask), cache,
+                            last_only=True, kv_length=_window(0, P, S), placement=placement)
     # An upper bound of the filled slots that depends only on the turn (a decode may stop early;
     # an observation chunk is at most obs_cap wide), so each turn's attention window, and with it
     # the compiled program, is the same at every training step.
@@ -315,9 +347,11 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
         if done.all():
             break
         t0 = time.perf_counter()
-        out, cache = _decode(config, params, cache, logits, jax.random.fold_in(rng, turn),
+        turn_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, turn)
+        out, cache = _decode(config, params, cache, logits, on_device(turn_keys),
                              sampler=sampler, max_new_tokens=N, stop=stop,
-                             done=jnp.asarray(done), kv_length=_window(used, N, S))
+                             done=on_device(done), kv_length=_window(used, N, S),
+                             placement=placement)
         toks, lps, lens = (np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths))
         used += N
         timings["policy_s"] += time.perf_counter() - t0
@@ -370,8 +404,9 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
             pieces[i].append(_Piece(o, False))
             real_len[i] += len(o)
         # Rows that are done contribute masked padding; their next logits are unused.
-        logits, cache = _extend(config, params, chunk, chunk_mask, cache, last_only=True,
-                                kv_length=_window(used, obs_cap, S))
+        logits, cache = _extend(config, params, on_device(chunk), on_device(chunk_mask), cache,
+                                last_only=True, kv_length=_window(used, obs_cap, S),
+                                placement=placement)
         used += obs_cap
         timings["insert_s"] += time.perf_counter() - t0
 
@@ -382,6 +417,7 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
                  for row in pieces]
     policy_texts = [tokenizer.decode(np.concatenate([p.ids for p in row if p.policy]))
                     if row else "" for row in pieces]
+    turns = [[tokenizer.decode(p.ids) for p in row if p.policy] for row in pieces]
     scores = [rewards.score_response(t, ex.golden_answers)
               for t, ex in zip(policy_texts, rows, strict=True)]
     f1 = np.array([s["f1"] for s in scores], np.float32)
@@ -396,6 +432,6 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
         useful_calls=useful_calls, noisy_calls=noisy_calls, truncated=truncated, noise_probability=(
             getattr(engine, "noise_probability", None) if noise_probability is None
             else noise_probability),
-        timings=timings, generated_tokens=generated, calls=calls)
+        timings=timings, generated_tokens=generated, calls=calls, turns=turns)
     return batch, stats
 

@@ -20,13 +20,14 @@ thing the rollout and evaluation code read from the data:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from zerosearch_jax.data.jsonl import iter_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -157,20 +158,6 @@ def _collect(
 # ---------------------------------------------------------------------------------------------
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Mapping[str, Any] | str]]:
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield where, f"invalid JSON ({err})"
-                continue
-            yield where, record if isinstance(record, dict) else f"not a JSON object: {line!r}"
-
-
 def load_jsonl(
     path: str | Path,
     *,
@@ -188,7 +175,7 @@ def load_jsonl(
     """
     path = Path(path)
     return _collect(
-        _jsonl_rows(path),
+        iter_jsonl(path),
         default_id_prefix=path.stem,
         default_source=data_source or path.stem,
         limit=limit,

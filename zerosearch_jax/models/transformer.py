@@ -414,6 +414,15 @@ class KVCache:
         return self.key_mask.shape[1]
 
 
+def cache_logical_axes(config: ModelConfig) -> KVCache:
+    """A `KVCache` of logical-axis `PartitionSpec`s: rows along `batch`, keys/values along
+    `kv_heads` like the q|k|v weight rows that produce them (so attention stays local to a
+    head shard). Map to a mesh with `sharding.Placement.cache_shardings`."""
+    P = jax.sharding.PartitionSpec
+    kv = tuple(P("batch", "kv_heads", None, "head_dim") for _ in range(config.num_layers))
+    return KVCache(k=kv, v=kv, key_mask=P("batch", None), next_position=P("batch"), index=P())
+
+
 def init_cache(config: ModelConfig, batch_size: int, max_length: int,
                dtype=jnp.bfloat16) -> KVCache:
     """An empty cache of S = max_length slots."""

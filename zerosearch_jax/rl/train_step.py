@@ -22,13 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from zerosearch_jax import models
 from zerosearch_jax.rl import algorithms as algo
+from zerosearch_jax.sharding import DEFAULT_RULES, Placement
 
 Array = jax.Array
 
@@ -317,17 +317,6 @@ def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
 # Jitted entry points with explicit shardings.
 # ----------------------------------------------------------------------------------------------
 
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-)
-
-
 @dataclasses.dataclass
 class TrainFns:
     """The jitted functions of one training run and the shardings they use."""
@@ -338,7 +327,8 @@ class TrainFns:
     param_sharding: Any
     critic_sharding: Any
     state_sharding: Any
-    batch_sharding: Any
+    batch_sharding: Any  # (array) -> its NamedSharding
+    placement: Placement
 
 
 def make_train_fns(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt=None,
@@ -354,16 +344,18 @@ def make_train_fns(config: models.ModelConfig, uc: UpdateConfig, actor_opt, crit
     if mesh is None:
         mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
         rules = (("batch", "data"),)
-    rules = tuple(rules)
-    to_sharding = lambda axes: nn.logical_to_mesh_sharding(axes, mesh, rules)  # noqa: E731
-    param_sharding = to_sharding(models.param_logical_axes(config))
-    critic_sharding = to_sharding(critic_logical_axes(config)) if uc.uses_critic else None
-    P = jax.sharding.PartitionSpec
-    replicated = jax.sharding.NamedSharding(mesh, P())
-    batch_axis = nn.logical_to_mesh_axes(("batch",), rules)[0]
+    placement = Placement(mesh, tuple(rules))
+    param_sharding = placement.param_shardings(config)
+    critic_sharding = None
+    if uc.uses_critic:
+        critic_shapes = jax.eval_shape(lambda p: init_critic(config, p, jax.random.key(0)),
+                                       models.param_shapes(config))
+        critic_sharding = placement.param_shardings(config, critic_logical_axes(config),
+                                                    critic_shapes)
+    replicated = placement.replicated()
 
     def batch_spec(x):
-        return jax.sharding.NamedSharding(mesh, P(batch_axis, *([None] * (x.ndim - 1))))
+        return placement.batch_sharding(x.ndim)
 
     def opt_sharding(opt, params_sharding):
         shapes = jax.eval_shape(opt.init, jax.tree.map(
@@ -384,18 +376,24 @@ def make_train_fns(config: models.ModelConfig, uc: UpdateConfig, actor_opt, crit
                           else critic_opt.init(critic_params))
 
     def init_state(params, critic_params=None):
+        # Built where the inputs are (this process's devices), then placed: on several
+        # processes `put` assembles the global arrays from every process's identical copy.
         state = _init(params, critic_params)
-        return jax.device_put(state, state_sharding)
+        return placement.put(state, state_sharding)
 
     jitted: dict = {}
 
     def score(params, ref_params, critic_params, batch):
         key = ("score", tuple(sorted(batch)), ref_params is None, critic_params is None)
         if key not in jitted:
+            fn = functools.partial(score_batch, config, uc)
+            # Scored arrays leave split along rows, exactly as `update` takes them (left to
+            # propagation, a micro-batch reshape can hand back replicated rows).
+            out = jax.eval_shape(fn, params, ref_params, critic_params, batch)
             jitted[key] = jax.jit(
-                functools.partial(score_batch, config, uc),
-                in_shardings=(param_sharding, None if ref_params is None else param_sharding,
-                              critic_sharding, jax.tree.map(batch_spec, batch)))
+                fn, in_shardings=(param_sharding, None if ref_params is None else param_sharding,
+                                  critic_sharding, jax.tree.map(batch_spec, batch)),
+                out_shardings=jax.tree.map(batch_spec, out))
         return jitted[key](params, ref_params, critic_params, batch)
 
     def update_fn(state, batch, rng):
@@ -408,4 +406,4 @@ def make_train_fns(config: models.ModelConfig, uc: UpdateConfig, actor_opt, crit
         return jitted[key](state, batch, rng)
 
     return TrainFns(init_state, score, update_fn, param_sharding, critic_sharding,
-                    state_sharding, batch_spec)
+                    state_sharding, batch_spec, placement)

@@ -11,6 +11,10 @@ Device side (pure, jitted once per shape bucket):
 Host side (`generate`, `generate_text`): tokenization, padding to shape buckets (prompt length
 to the next bucket, batch to 2/4/8 or a multiple of 8) so a run compiles a handful of programs,
 and trimming the outputs back.
+
+Sharding: with a `sharding.Placement` (static), the KV cache and the batch are split along its
+batch axes and the cache's KV heads along theirs; the parameters are wherever the caller put
+them (`Placement.put`). Without one, everything stays on the default device as before.
 """
 
 from __future__ import annotations
@@ -89,10 +93,22 @@ class _LoopState:
     rng: Array
 
 
+def _sample(sampler, logits: Array, rng: Array, step: Array) -> tuple[Array, Array]:
+    """One draw per row at decode step `step`. rng: one key for the batch, or [B] keys (one per
+    row, vmapped), so a row's tokens do not depend on which batch or process it is in."""
+    per_row = rng.ndim == (1 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else 2)
+    if not per_row:
+        return sampler(logits, jax.random.fold_in(rng, step))
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, step)
+    tokens, logprobs = jax.vmap(lambda row, key: sampler(row[None], key))(logits, keys)
+    return tokens[:, 0], logprobs[:, 0]
+
+
 def decode(config: ModelConfig, params, cache: KVCache, logits: Array, rng: Array, *,
            sampler, max_new_tokens: int, stop: StopConditions,
            done: Array | None = None,
-           kv_length: int | None = None) -> tuple[GenerationOutput, KVCache]:
+           kv_length: int | None = None,
+           placement=None) -> tuple[GenerationOutput, KVCache]:
     """Samples up to `max_new_tokens` per row from `logits` [B, V] and a primed cache.
 
     done [B] bool marks rows that must not generate (batch padding, finished episodes).
@@ -101,6 +117,8 @@ def decode(config: ModelConfig, params, cache: KVCache, logits: Array, rng: Arra
     `sampler`, `max_new_tokens`, `stop`, `kv_length` static and the cache donated.
     kv_length: attend over the first kv_length cache slots only (>= index + max_new_tokens);
     a multi-turn caller passes its current fill rounded up so empty slots are not read.
+    rng: a key, or [B] keys (one per row).
+    placement (static): a `sharding.Placement` whose cache layout the loop keeps.
     """
     B = logits.shape[0]
     N = max_new_tokens
@@ -115,7 +133,7 @@ def decode(config: ModelConfig, params, cache: KVCache, logits: Array, rng: Arra
         return (s.step < N) & ~jnp.all(s.done)
 
     def body(s: _LoopState):
-        token, logprob = sampler(s.logits, jax.random.fold_in(s.rng, s.step))
+        token, logprob = _sample(sampler, s.logits, s.rng, s.step)
         active = ~s.done
         token = jnp.where(active, token, stop.pad_id)
         logprob = jnp.where(active, logprob, 0.0)
@@ -123,6 +141,8 @@ def decode(config: ModelConfig, params, cache: KVCache, logits: Array, rng: Arra
         hit = active & stop.hit(token, recent)
         next_logits, cache = extend(config, params, token[:, None], active[:, None], s.cache,
                                     last_only=True, kv_length=kv_length)
+        if placement is not None:
+            cache = placement.constrain_cache(config, cache)
         return _LoopState(
             step=s.step + 1,
             tokens=jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step)),
@@ -135,17 +155,26 @@ def decode(config: ModelConfig, params, cache: KVCache, logits: Array, rng: Arra
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampler", "max_new_tokens", "stop",
-                                             "cache_dtype"))
+                                             "cache_dtype", "placement"))
 def prefill_and_decode(config: ModelConfig, params, prompt_ids: Array, prompt_mask: Array,
                        row_valid: Array, rng: Array, *, sampler, max_new_tokens: int,
-                       stop: StopConditions, cache_dtype=None) -> GenerationOutput:
-    """prompt_ids/prompt_mask [B, P] left-padded; row_valid [B] False for batch padding."""
+                       stop: StopConditions, cache_dtype=None,
+                       placement=None) -> GenerationOutput:
+    """prompt_ids/prompt_mask [B, P] left-padded; row_valid [B] False for batch padding.
+    placement (static): shard the batch and the cache by it (B a multiple of its
+    `batch_shards`)."""
     B, P = prompt_ids.shape
     dtype = cache_dtype or jax.tree.leaves(params)[0].dtype
     cache = init_cache(config, B, P + max_new_tokens, dtype)
+    if placement is not None:
+        cache = placement.constrain_cache(config, cache)
+        prompt_ids, prompt_mask, row_valid = (
+            jax.lax.with_sharding_constraint(x, placement.batch_sharding(x.ndim))
+            for x in (prompt_ids, prompt_mask, row_valid))
     logits, cache = extend(config, params, prompt_ids, prompt_mask, cache, last_only=True)
     out, _ = decode(config, params, cache, logits, rng, sampler=sampler,
-                    max_new_tokens=max_new_tokens, stop=stop, done=~row_valid)
+                    max_new_tokens=max_new_tokens, stop=stop, done=~row_valid,
+                    placement=placement)
     return out
 
 
@@ -157,19 +186,23 @@ def bucket_length(n: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
     return -(-n // buckets[-1]) * buckets[-1]
 
 
-def bucket_batch(n: int) -> int:
+def bucket_batch(n: int, multiple: int = 1) -> int:
     """2, 4, 8, then multiples of 8 (a single row is padded to 2: on CPU a one-row bf16
-    matmul is slower than a two-row one)."""
-    if n <= 8:
-        return max(2, 1 << (n - 1).bit_length())
-    return -(-n // 8) * 8
+    matmul is slower than a two-row one), rounded up to a multiple of `multiple` (the number
+    of batch shards, so every device gets the same number of rows)."""
+    n = max(2, 1 << (n - 1).bit_length()) if n <= 8 else -(-n // 8) * 8
+    return -(-n // multiple) * multiple
 
 
 def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], sampler=Greedy(), *,
              max_new_tokens: int = 128, stop: StopConditions = StopConditions(),
              rng: Array | int = 0, cache_dtype=None,
-             prompt_buckets: Sequence[int] = PROMPT_BUCKETS) -> dict[str, np.ndarray]:
+             prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
+             placement=None) -> dict[str, np.ndarray]:
     """Generates from token-id prompts (lists of ids, any lengths).
+
+    placement: a `sharding.Placement` to run on (the params already placed on its mesh): the
+    batch and the KV cache are split along its batch axes.
 
     Returns numpy arrays: tokens [B, N] int32, logprobs [B, N] float32, lengths [B] int32,
     stopped [B] bool, for the B prompts given (bucket padding removed).
@@ -183,7 +216,8 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], samp
     if isinstance(rng, int):
         rng = jax.random.key(rng)
     B = len(prompts)
-    Bp, P = bucket_batch(B), bucket_length(max(len(p) for p in prompts), prompt_buckets)
+    Bp = bucket_batch(B, 1 if placement is None else placement.batch_shards)
+    P = bucket_length(max(len(p) for p in prompts), prompt_buckets)
     ids = np.full((Bp, P), stop.pad_id, np.int32)
     mask = np.zeros((Bp, P), bool)
     for i, p in enumerate(prompts):
@@ -193,7 +227,8 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], samp
     row_valid = np.arange(Bp) < B
     out = prefill_and_decode(config, params, ids, mask, row_valid, rng, sampler=sampler,
                              max_new_tokens=max_new_tokens, stop=stop,
-                             cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype))
+                             cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype),
+                             placement=placement)
     return {name: np.asarray(getattr(out, name))[:B]
             for name in ("tokens", "logprobs", "lengths", "stopped")}
 

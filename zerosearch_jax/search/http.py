@@ -29,6 +29,7 @@ import requests.adapters
 
 from zerosearch_jax.search.base import (
     NO_INFORMATION,
+    EngineStats,
     QueryContext,
     SearchEngine,
     SearchResult,
@@ -95,20 +96,17 @@ def _expect(condition: bool, what: str, got: Any) -> None:
         raise ProtocolError(f"expected {what}, got {got!r:.200}")
 
 
-class HTTPSearchEngine(SearchEngine):
-    """Shared request/retry/failure handling of the HTTP clients."""
+class HTTPClient:
+    """Requests with timeouts and retries (back-off on timeouts, 429, 5xx and malformed
+    JSON); shared by the search clients and other JSON endpoints (the LLM judge)."""
 
-    def __init__(
-        self, *, topk: int, retry: RetryPolicy | None = None, max_workers: int = 1
-    ) -> None:
-        super().__init__()
-        if topk < 1:
-            raise ValueError(f"topk must be >= 1, got {topk}")
+    def __init__(self, *, retry: RetryPolicy | None = None, max_workers: int = 1) -> None:
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
-        self.topk = topk
         self.retry = retry if retry is not None else RetryPolicy()
         self.max_workers = max_workers
+        if not hasattr(self, "stats"):  # search engines already have theirs
+            self.stats = EngineStats()
         self._session = requests.Session()
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=max_workers)
         self._session.mount("http://", adapter)
@@ -160,6 +158,19 @@ class HTTPSearchEngine(SearchEngine):
         raise SearchBackendError(
             self._redact(f"{attempts} attempt(s) failed; last error: {last_error}")
         )
+
+
+class HTTPSearchEngine(HTTPClient, SearchEngine):
+    """Shared request/retry/failure handling of the HTTP search clients."""
+
+    def __init__(
+        self, *, topk: int, retry: RetryPolicy | None = None, max_workers: int = 1
+    ) -> None:
+        SearchEngine.__init__(self)
+        HTTPClient.__init__(self, retry=retry, max_workers=max_workers)
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        self.topk = topk
 
     def _failed(self, queries: Sequence[str], error: str, latency_s: float) -> list[SearchResult]:
         logger.warning(

@@ -186,6 +186,14 @@ class LLMSimulator(_SimulatorMixin, SearchEngine):
         self._key = jax.random.key(seed)
         self._calls = 0
         self.generated_tokens = 0  # tokens the simulator sampled, for throughput reports
+        self.placement = None  # where generation runs (`place`); None: the default device
+
+    def place(self, placement) -> None:
+        """Moves the weights onto a `sharding.Placement` (sharded by its rules, e.g. a
+        simulator sub-mesh of its own); generation then splits the batch and the KV cache
+        along its batch axes."""
+        self.params = placement.put(self.params, placement.param_shardings(self.config))
+        self.placement = placement
 
     def reseed(self, seed: int) -> None:
         import jax
@@ -206,7 +214,7 @@ class LLMSimulator(_SimulatorMixin, SearchEngine):
         out = sampling.generate(
             self.config, self.params, [self.tokenizer.encode(t) for t in texts], self._sampler,
             max_new_tokens=self.max_new_tokens, stop=self._stop,
-            rng=jax.random.fold_in(self._key, self._calls))
+            rng=jax.random.fold_in(self._key, self._calls), placement=self.placement)
         latency = (time.perf_counter() - start) / len(queries)
         self.generated_tokens += int(out["lengths"].sum())
         return [self._result(prefix + self.tokenizer.decode(row[:n]), u, p, latency)

@@ -1,0 +1,160 @@
+"""Supervised fine-tuning of the simulator: next-token loss on the target documents only.
+
+Each example is the section 3 chat prompt (question, gold answer, query, useful / noisy) followed
+by its `Doc i:` target and the end-of-turn token; the loss mask covers the target and that token,
+so the model learns to write documents, not to reproduce prompts. The step is one pure function
+(AdamW through `rl.train_step.make_optimizer`, float32 master weights, `compute_dtype` matmuls,
+a non-finite step skipped), jitted once with the state donated. Checkpoints (orbax) hold the
+state and the data position, so an interrupted tuning resumes where it stopped; the result is
+exported as a Hugging Face directory that `models.load_pretrained` (and vLLM / SGLang) read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from zerosearch_jax import models
+from zerosearch_jax.data.iterator import DataIterator
+from zerosearch_jax.rl import train_step as ts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Upstream tuned with lr 1e-6, batch 2, 1000 steps (REFERENCE section 8)."""
+
+    steps: int = 1000
+    batch_size: int = 2
+    max_length: int = 1024  # prompt + target tokens; longer targets are cut (counted, logged).
+    lr: float = 1e-6
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    compute_dtype: str = "bfloat16"
+    remat: bool = True
+    checkpoint_every: int = 100
+    keep: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "max_length", "checkpoint_every", "keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def encode(tokenizer, examples: Sequence[dict], max_length: int) -> tuple[dict, int]:
+    """Right-padded training arrays and the number of examples whose target was cut.
+
+    Returns {tokens, attention_mask, positions, loss_mask}: [N, max_length] arrays; loss_mask
+    is 1 on target tokens (and the closing end-of-turn token).
+    """
+    N, T = len(examples), max_length
+    tokens = np.full((N, T), tokenizer.pad_id, np.int32)
+    loss_mask = np.zeros((N, T), np.float32)
+    attention = np.zeros((N, T), bool)
+    cut = 0
+    for i, e in enumerate(examples):
+        prompt = tokenizer.encode(tokenizer.chat_prompt(e["prompt"], system=""))
+        target = tokenizer.encode(e["target"]) + [tokenizer.eos_ids[0]]
+        if len(prompt) >= T:
+            raise ValueError(f"example {e.get('id')!r}: its prompt alone has {len(prompt)} "
+                             f"tokens, more than finetune.max_length={T}")
+        if len(prompt) + len(target) > T:
+            cut += 1
+            target = target[:T - len(prompt)]
+        ids = prompt + target
+        tokens[i, :len(ids)] = ids
+        attention[i, :len(ids)] = True
+        loss_mask[i, len(prompt):len(ids)] = 1.0
+    positions = np.broadcast_to(np.arange(T, dtype=np.int32), (N, T)).copy()
+    return {"tokens": tokens, "attention_mask": attention, "positions": positions,
+            "loss_mask": loss_mask}, cut
+
+
+def sft_loss(config: models.ModelConfig, params, batch: dict, *, remat: bool = True,
+             dtype=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(mean NLL over target tokens, (NLL sum, target token count)). batch arrays: [B, T]."""
+    logp, _ = ts.policy_logprobs(config, params, batch["tokens"], batch["attention_mask"],
+                                 batch["positions"], remat=remat, dtype=dtype)
+    nll = -(logp * batch["loss_mask"]).sum()
+    count = batch["loss_mask"].sum()
+    return nll / jnp.maximum(count, 1.0), (nll, count)
+
+
+def sft_step(config: models.ModelConfig, sc: SFTConfig, optimizer, state: ts.TrainState,
+             batch: dict) -> tuple[ts.TrainState, dict]:
+    """One AdamW step on a [B, T] batch. Pure; jit it with the state donated."""
+    dtype = jnp.dtype(sc.compute_dtype)
+    (loss, (nll, count)), grads = jax.value_and_grad(
+        lambda p: sft_loss(config, p, batch, remat=sc.remat, dtype=dtype), has_aux=True)(
+        state.params)
+    params, opt_state, finite = ts._apply_if_finite(optimizer, grads, state.params,
+                                                    state.opt_state, loss)
+    metrics = {"loss": loss, "target_tokens": count, "grad_norm": optax.global_norm(grads),
+               "nonfinite": 1.0 - finite.astype(jnp.float32)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def run_finetune(config: models.ModelConfig, params, tokenizer, examples: Sequence[dict],
+             workdir: str, sc: SFTConfig, *, progress: bool = True):
+    """Tunes `params` on the examples; checkpoints in `<workdir>/checkpoints` (resumed when
+    present), the loss curve in `<workdir>/metrics.jsonl`. Returns the tuned parameters."""
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    from zerosearch_jax.metrics import MetricsWriter
+
+    if not examples:
+        raise ValueError("no SFT examples to tune on")
+    data, cut = encode(tokenizer, examples, sc.max_length)
+    if cut:
+        logger.warning("%d of %d targets were cut to fit finetune.max_length=%d", cut,
+                       len(examples), sc.max_length)
+    optimizer = ts.make_optimizer(sc.lr, sc.steps, sc.warmup_ratio, weight_decay=sc.weight_decay,
+                                  grad_clip=sc.grad_clip)
+    state = ts.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params))
+    step_fn = jax.jit(lambda s, b: sft_step(config, sc, optimizer, s, b), donate_argnums=(0,))
+    order = DataIterator(list(range(len(examples))), seed=sc.seed)
+
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=sc.keep, create=True))
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    start = 0
+    if manager.latest_step() is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        state, start = restored["state"], int(restored["meta"]["step"])
+        order.restore(restored["meta"]["data"])
+        writer.truncate_after(start)
+        logger.info("simulator SFT resumed at step %d", start)
+
+    bar = tqdm(range(start, sc.steps), initial=start, total=sc.steps, desc="simulator sft",
+               disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        idx = np.asarray(order.next_batch(sc.batch_size))
+        state, metrics = step_fn(state, {k: v[idx] for k, v in data.items()})
+        metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+        writer.write(step + 1, metrics)
+        bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+        done = step + 1
+        if done % sc.checkpoint_every == 0 or done == sc.steps:
+            manager.save(done, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave({"step": done, "data": order.state()})), force=True)
+            manager.wait_until_finished()
+    writer.close()
+    return state.params
