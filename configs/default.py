@@ -55,11 +55,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.simulator.model = "smollm2-135m-instruct"  # llm: the simulator (the base, if tuned).
     # Stage 1 of the run: tune simulator.model with the simulator-SFT pipeline (collect BM25
     # results on the world, label, fine-tune; about 5 minutes here), cached in
-    # <workdir>/simulator_sft; its settings are configs/simulator_sft.py's.
+    # <workdir>/simulator_sft; its settings are configs/simulator_sft.py's, but for these two.
     c.simulator.tune = True
     c.simulator.sft = simulator_sft.get_config()
     c.simulator.sft.seed = c.get_ref("seed")
     c.simulator.sft.data.synthetic_seed = c.data.get_ref("synthetic_seed")  # the same world
+    c.simulator.sft.finetune.steps = 48  # about one pass over the ~200 examples (fits 20 min)
+    c.simulator.sft.report.num_queries = 16
     c.simulator.url = ""  # server / searchr1: endpoint.
     c.simulator.variant = "finetuned"  # finetuned (SFT prompt) | prompted (one-shot demo).
     c.simulator.prime_reply = False  # start the reply with "Doc 1:" (small prompted models).

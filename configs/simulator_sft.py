@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.collect.query_sources = "policy,question"  # policy's own searches; the question itself.
     c.collect.engine = "bm25"  # bm25 | searchr1 (HTTP /retrieve) | serpapi
     c.collect.corpus = ""  # bm25: "" = the synthetic world's passages, "wiki", or a jsonl.
-    c.collect.url = ""  # searchr1: the retriever's root URL.
+    c.collect.url = ""  # searchr1: the retriever's endpoint, e.g. http://127.0.0.1:8000/retrieve
     c.collect.depth = 10  # documents kept per call (deeper than topk: noisy examples need them).
     c.collect.max_calls = 0  # engine calls for the whole collection; 0 = no cap (SerpAPI: set!)
     c.collect.batch_size = 32  # questions per rollout batch (one durable write each).

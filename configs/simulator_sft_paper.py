@@ -4,8 +4,8 @@ trajectory rule, and a Qwen-2.5 simulator is fully fine-tuned with lr 1e-6, batc
 
 Needs the training data (`huggingface-cli download --repo-type dataset sunhaonlp/ZeroSearch_dataset
 --local-dir ZeroSearch_dataset`) and a real engine: a Search-R1 retriever
-(`zerosearch-retrieval-server` or upstream's) at collect.url, or SerpAPI (set SERPAPI_API_KEY and
-collect.max_calls). Then:
+(`zerosearch-retrieval-server` or upstream's) at collect.url (its /retrieve endpoint), or
+SerpAPI (set SERPAPI_API_KEY and collect.max_calls). Then:
 
     python -m zerosearch_jax.simulator_sft --config=configs/simulator_sft_paper.py \\
         --workdir=runs/simulator_sft_14b
@@ -31,7 +31,7 @@ def get_config():
     c.collect.policy = "Qwen/Qwen2.5-7B-Instruct"  # REFERENCE section 8.
     c.collect.query_sources = "policy"  # the policy's own searches only.
     c.collect.engine = "searchr1"  # or "serpapi" (Google, as upstream; set max_calls).
-    c.collect.url = "http://127.0.0.1:8000"
+    c.collect.url = "http://127.0.0.1:8000/retrieve"  # the Search-R1 retriever's endpoint.
     c.collect.depth = 5
     c.collect.batch_size = 64
     c.collect.max_turns = 4

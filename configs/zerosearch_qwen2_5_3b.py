@@ -37,6 +37,7 @@ def get_config(policy="Qwen/Qwen2.5-3B", noise_start=0.0, noise_end=0.25,
     c.rollout.top_p = 0.95
     # The released fine-tuned 14B simulator behind SGLang (upstream's set-up).
     c.simulator.kind = "server"
+    c.simulator.tune = False  # the released simulator is already tuned (default.py tunes one)
     c.simulator.url = "http://127.0.0.1:6001"
     c.simulator.model = "sunhaonlp/SearchSimulation_14B"
     c.simulator.variant = "finetuned"

@@ -16,6 +16,7 @@ Hugging Face directory, `<workdir>/hf_policy`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -102,6 +103,8 @@ def build_settings(c: ml_collections.ConfigDict) -> Settings:
            "is for the in-process llm simulator)")
     try:
         schedule = curriculum.get_schedule(c.curriculum.schedule)
+        if c.curriculum.schedule == "exponential":  # the only schedule with a base
+            schedule = functools.partial(schedule, base=c.curriculum.base)
         schedule(1, c.total_steps, c.curriculum.start, c.curriculum.end)
     except ValueError as e:
         raise ConfigError(f"config.curriculum: {e}") from None
@@ -244,7 +247,7 @@ def make_training_engine(c: ml_collections.ConfigDict, policy: tuple, tokenizer:
             temperature=s.temperature, max_new_tokens=s.max_new_tokens,
             prime_reply=s.prime_reply, seed=c.seed)
     if s.kind == "server":
-        return search.SimulatorServerClient(s.url, variant=s.variant, topk=s.topk,
+        return search.SimulatorServerClient(s.url, model=s.model, variant=s.variant, topk=s.topk,
                                             temperature=s.temperature,
                                             max_new_tokens=s.max_new_tokens, seed=c.seed)
     if s.kind == "searchr1":  # Search-R1 style: train with a real engine.
