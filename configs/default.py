@@ -2,8 +2,9 @@
 
 Policy and simulator are the embedded SmolLM2-135M-Instruct (no hub needed); training questions
 come from the synthetic knowledge world, whose answers no model knows without searching;
-validation uses a real engine (BM25 over the world's passages). Sized to finish on a 2-core
-CPU in well under 20 minutes:
+validation uses a real engine (BM25 over the world's passages). Three stages: the policy's
+format warm-up, simulator tuning, then GRPO; sized for about 20 minutes on a 2-core CPU
+(docs/training.md has the measured run):
 
     python -m zerosearch_jax.train --config=configs/default.py --workdir=runs/default
 """
@@ -20,14 +21,15 @@ from configs import simulator_sft  # noqa: E402
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # every random choice (data order, sampling, coin flips) derives from it.
-    c.total_steps = 10  # RL steps (upstream: 203).
+    c.total_steps = 6  # RL steps (upstream: 203).
 
     # -- models -------------------------------------------------------------------------------
     c.policy = "smollm2-135m-instruct"  # embedded name, HF dir, .gguf file or hub id.
     c.tokenizer = ""  # defaults to the policy's.
     c.param_dtype = "float32"  # master weights and Adam moments: float32 | bfloat16.
     c.compute_dtype = "bfloat16"  # matmul inputs (float32 accumulation) and rollout weights.
-    c.remat = True  # rematerialize blocks in the backward pass (activation memory).
+    c.remat = False  # rematerialize blocks in the backward pass: less activation memory, ~25%
+    # more update time; the default's 16 x ~700-token batches fit in a few GB without it.
 
     # -- data ---------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
@@ -49,23 +51,38 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.temperature = 1.0
     c.rollout.top_p = 0.95
 
+    # -- format warm-up (the stage before RL) --------------------------------------------------
+    # A 135M policy cannot follow the template unaided, so RL would see only zero rewards:
+    # behaviour cloning on demonstration episodes (search the question, read real BM25
+    # documents, answer; agent/warmup.py) first, cached in <workdir>/warmup. The paper's
+    # configs set steps = 0 (their 3B/7B policies need none).
+    c.warmup = ml_collections.ConfigDict()
+    c.warmup.steps = 10  # behaviour-cloning steps (0: no warm-up); the loss is ~0.06 by step 9.
+    c.warmup.num_questions = 48  # training questions to demonstrate (those whose visible
+    # documents lack a gold answer are dropped).
+    c.warmup.batch_size = 4
+    c.warmup.lr = 5e-5
+
     # -- simulated search engine used for training --------------------------------------------
     c.simulator = ml_collections.ConfigDict()
     c.simulator.kind = "llm"  # llm (in process) | server (OpenAI-compatible) | bm25 | searchr1
     c.simulator.model = "smollm2-135m-instruct"  # llm: the simulator (the base, if tuned).
-    # Stage 1 of the run: tune simulator.model with the simulator-SFT pipeline (collect BM25
-    # results on the world, label, fine-tune; about 5 minutes here), cached in
-    # <workdir>/simulator_sft; its settings are configs/simulator_sft.py's, but for these two.
+    # Tune simulator.model with the simulator-SFT pipeline before RL (after the warm-up, whose
+    # policy does the collecting: BM25 results on the world, labelled, fine-tuned), cached in
+    # <workdir>/simulator_sft; its settings are configs/simulator_sft.py's, sized down here.
     c.simulator.tune = True
     c.simulator.sft = simulator_sft.get_config()
     c.simulator.sft.seed = c.get_ref("seed")
     c.simulator.sft.data.synthetic_seed = c.data.get_ref("synthetic_seed")  # the same world
-    c.simulator.sft.finetune.steps = 48  # about one pass over the ~200 examples (fits 20 min)
-    c.simulator.sft.report.num_queries = 16
+    c.simulator.sft.data.num_questions = 96
+    c.simulator.sft.finetune.steps = 32  # about half a pass over the ~250 balanced examples
+    c.simulator.sft.finetune.remat = False
+    c.simulator.sft.report.num_queries = 8
     c.simulator.url = ""  # server / searchr1: endpoint.
     c.simulator.variant = "finetuned"  # finetuned (SFT prompt) | prompted (one-shot demo).
     c.simulator.prime_reply = False  # start the reply with "Doc 1:" (small prompted models).
-    c.simulator.max_new_tokens = 160  # upstream: 600 (five ~24-word documents fit in 160).
+    c.simulator.max_new_tokens = 128  # upstream: 600. The policy sees at most
+    # rollout.max_obs_tokens = 128 of a page (documents are cut from the end), so more is waste.
     c.simulator.temperature = 0.8
     c.simulator.topk = 5
 
@@ -107,13 +124,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     # -- validation, logging, checkpoints --------------------------------------------------------
     c.validation = ml_collections.ConfigDict()
-    c.validation.every = 5  # steps; also before the first and after the last step.
+    c.validation.every = 3  # steps; also before the first and after the last step.
     c.validation.engine = "bm25"  # bm25 (over the world / a corpus) | searchr1 | serpapi
     c.validation.corpus = ""  # bm25: "" = the synthetic world's passages, "wiki", or a jsonl.
     c.validation.url = ""
     c.validation.topk = 3
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every = 5
+    c.checkpoint.every = 3
     c.checkpoint.keep = 2
     c.export_hf = True  # write the final policy as a HF directory (<workdir>/hf_policy).
     c.max_nonfinite_steps = 3  # consecutive skipped updates before the run stops.

@@ -10,8 +10,10 @@ SerpAPI (set SERPAPI_API_KEY and collect.max_calls). Then:
     python -m zerosearch_jax.simulator_sft --config=configs/simulator_sft_paper.py \\
         --workdir=runs/simulator_sft_14b
 
-and train with `--config.simulator.kind=llm --config.simulator.model=runs/simulator_sft_14b/hf`
-(or serve that directory with SGLang / vLLM and keep `simulator.kind=server`).
+and train with `--config.simulator.kind=llm --config.simulator.model=runs/simulator_sft_14b/hf
+--config.simulator.tune=False` (the paper configs already set tune=False; configs/default.py
+would otherwise tune the tuned model again), or serve that directory with SGLang / vLLM and keep
+`simulator.kind=server`.
 """
 
 import os

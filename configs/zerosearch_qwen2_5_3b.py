@@ -38,6 +38,7 @@ def get_config(policy="Qwen/Qwen2.5-3B", noise_start=0.0, noise_end=0.25,
     # The released fine-tuned 14B simulator behind SGLang (upstream's set-up).
     c.simulator.kind = "server"
     c.simulator.tune = False  # the released simulator is already tuned (default.py tunes one)
+    c.warmup.steps = 0  # RL from the base model, as the paper (default.py warms up its 135M)
     c.simulator.url = "http://127.0.0.1:6001"
     c.simulator.model = "sunhaonlp/SearchSimulation_14B"
     c.simulator.variant = "finetuned"

@@ -324,3 +324,21 @@ def test_second_evaluation_in_a_running_workdir_is_refused(tmp_path, qa_files):
         with pytest.raises(ConfigError, match="another evaluation is running"):
             ev.evaluate(c, str(tmp_path))
     assert not (tmp_path / ev.TRACES_FILE).exists()
+
+
+def test_cli_runs_cot_and_prints_the_agent_throughput(tmp_path, policy, corpus, qa_files):
+    jsonl, _ = qa_files
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "zerosearch_jax.evaluate", "--config=configs/evaluate.py",
+         f"--workdir={out}",
+         *_flags(_cli_overrides(policy, corpus, f"toy={jsonl}", methods="cot,agent"))],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| Chain of thought |" in proc.stdout and "| Search agent |" in proc.stdout
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("throughput agent:"))
+    assert f"{len(QUESTIONS)} questions in" in line and line.endswith(
+        "questions/s (compilation included)")
+    assert json.loads((out / ev.THROUGHPUT_FILE).read_text())["agent"]["questions"] == len(
+        QUESTIONS)

@@ -150,3 +150,24 @@ def test_every_config_file_validates(name):
         assert config.total_steps == 203 and config.prompts_per_step == 64
         assert config.rollout.samples_per_prompt == 5 and config.optim.lr == 1e-6
         assert config.simulator.model.startswith("sunhaonlp/SearchSimulation")
+
+
+def test_trim_response_keeps_every_real_token_and_rounds_up():
+    from zerosearch_jax import agent, train
+    from zerosearch_jax.agent.rollout import _Piece
+
+    P, R = 4, 448
+    rows = [(3, 10), (4, 130)]  # (prompt, response) lengths
+    prompts = [np.arange(1, p + 1, dtype=np.int32) for p, _ in rows]
+    pieces = [[_Piece(np.full(r, 7, np.int32), True, np.zeros(r, np.float32))]
+              for _, r in rows]
+    batch = agent.assemble_batch(prompts, pieces, np.array([1.0, 0.5], np.float32),
+                                 np.arange(2), pad_id=0, prompt_length=P, response_length=R)
+    cut = train._trim_response(batch, R)
+    assert cut.tokens.shape == (2, P + 256)  # 130 -> the next multiple of 128
+    for name in ("tokens", "attention_mask", "positions", "loss_mask", "logprobs", "rewards"):
+        np.testing.assert_array_equal(getattr(cut, name), getattr(batch, name)[:, :P + 256])
+    assert cut.attention_mask.sum() == batch.attention_mask.sum()
+    assert cut.rewards.sum() == batch.rewards.sum() == 1.5
+    # Never longer than the packed batch.
+    assert train._trim_response(batch, 200).tokens.shape == (2, P + 200)

@@ -19,6 +19,7 @@ def tiny_policy_dir(path, tokenizer, seed=0) -> str:
 def tiny_run_flags(policy_dir, workdir, steps=4, **overrides):
     flags = {
         "policy": policy_dir, "simulator.model": policy_dir, "simulator.tune": False,
+        "warmup.steps": 0,
         "param_dtype": "float32",
         "compute_dtype": "float32",
         "total_steps": steps, "prompts_per_step": 2, "rollout.samples_per_prompt": 2,

@@ -132,6 +132,14 @@ def build_settings(c: ml_collections.ConfigDict) -> Settings:
         update.check_batch_size(c.prompts_per_step * r.samples_per_prompt)
     except ValueError as e:
         raise ConfigError(f"config.algorithm: {e}") from None
+    w = c.warmup
+    _check(w.steps >= 0, "warmup.steps", w.steps, ">= 0 (0: no format warm-up)")
+    if w.steps:
+        _check(w.num_questions >= 1, "warmup.num_questions", w.num_questions, ">= 1")
+        _check(w.batch_size >= 1, "warmup.batch_size", w.batch_size, ">= 1")
+        _check(w.lr > 0, "warmup.lr", w.lr, "> 0")
+        _check(rollout.max_turns >= 1, "rollout.max_turns", rollout.max_turns,
+               ">= 1 with warmup.steps > 0 (demonstrations search at least once)")
     for key in ("lr", "critic_lr"):
         _check(c.optim[key] > 0, f"optim.{key}", c.optim[key], "> 0")
     for key in ("warmup_ratio", "critic_warmup_ratio"):
@@ -207,27 +215,102 @@ def make_validation_engine(c: ml_collections.ConfigDict) -> search.SearchEngine:
     return make_real_engine(v.engine, c, corpus=v.corpus, url=v.url, topk=v.topk)
 
 
-def tune_simulator(c: ml_collections.ConfigDict, workdir: str) -> str:
-    """The simulator-tuning pipeline (`zerosearch_jax.simulator_sft`) as the run's first stage,
+def _stage(workdir: str, name: str, what: str, single_host: str) -> tuple[str, str, bool]:
+    """(directory, its hf/ export, whether that export is complete) of a stage that runs
+    before RL and is cached in `<workdir>/<name>`. A stage still to run refuses several
+    processes (it runs on one host) with the `single_host` message."""
+    from zerosearch_jax.simulator_sft import pipeline
+
+    stage_dir = os.path.join(workdir, name)
+    hf_dir = os.path.join(stage_dir, "hf")
+    if pipeline.is_exported(hf_dir):
+        logger.info("using %s in %s", what, hf_dir)
+        return stage_dir, hf_dir, True
+    if jax.process_count() > 1:
+        raise ConfigError(single_host)
+    return stage_dir, hf_dir, False
+
+
+def tune_simulator(c: ml_collections.ConfigDict, workdir: str,
+                   collect_policy: str | None = None) -> str:
+    """The simulator-tuning pipeline (`zerosearch_jax.simulator_sft`) as a stage before RL,
     on `simulator.model` with the `simulator.sft` settings, in `<workdir>/simulator_sft`; a
-    finished stage is reused (its HF export is the cache). Returns the tuned model's directory.
+    finished stage is reused (its HF export is the cache). collect_policy: the policy that
+    searches during collection when `simulator.sft.collect.policy` is the run's own policy
+    (the warmed-up one, which issues real queries). Returns the tuned model's directory.
     """
     from zerosearch_jax.simulator_sft import pipeline
 
-    sft_dir = os.path.join(workdir, "simulator_sft")
-    hf_dir = os.path.join(sft_dir, "hf")
-    if pipeline.is_exported(hf_dir):
-        logger.info("using the tuned simulator in %s", hf_dir)
+    sft_dir, hf_dir, done = _stage(
+        workdir, "simulator_sft", "the tuned simulator", "config.simulator.tune runs on one "
+        "host: tune first with `python -m zerosearch_jax.simulator_sft`, then set "
+        "simulator.model to its hf/ directory and simulator.tune=False")
+    if done:
         return hf_dir
-    if jax.process_count() > 1:
-        raise ConfigError("config.simulator.tune runs on one host: tune first with "
-                          "`python -m zerosearch_jax.simulator_sft`, then set simulator.model "
-                          "to its hf/ directory and simulator.tune=False")
-    logger.info("stage 1: tuning the simulator (%s) in %s", c.simulator.model, sft_dir)
+    logger.info("tuning the simulator (%s) in %s", c.simulator.model, sft_dir)
     sft = c.simulator.sft
     with sft.unlocked():
         sft.simulator = c.simulator.model
+        if collect_policy and sft.collect.policy == c.policy:
+            sft.collect.policy = collect_policy
     return pipeline.run(sft, sft_dir)
+
+
+def warm_up_policy(c: ml_collections.ConfigDict, workdir: str, settings: Settings,
+                   tokenizer: Tokenizer, engine: search.SearchEngine,
+                   validate_fn=None) -> str:
+    """The format warm-up (`agent.warmup`) as the stage before RL: behaviour cloning of the
+    policy on demonstration episodes built with the validation engine from `warmup.
+    num_questions` training questions, in `<workdir>/warmup`; a finished stage is reused (its
+    HF export is the cache). Returns the warmed-up policy's directory, which RL starts from
+    and which is its frozen reference.
+
+    validate_fn(model_config, params) -> metrics: scores the untrained policy first, written
+    to `warmup/validation_before.json` (the run's step-0 validation is the warmed-up one)."""
+    from zerosearch_jax.simulator_sft import finetune
+
+    w = c.warmup
+    stage_dir, hf_dir, done = _stage(
+        workdir, "warmup", "the warmed-up policy", "config.warmup runs on one host: warm up "
+        "on one host first, then set policy to its warmup/hf directory and warmup.steps=0")
+    if done:
+        return hf_dir
+    t0 = time.perf_counter()
+    questions = qa.sample(load_examples(c.data.train, c), w.num_questions, seed=c.seed)
+    plan = agent.warmup.question_queries
+    if c.data.train.startswith("synthetic:"):
+        plan = agent.warmup.synthetic_world_queries(
+            synthetic.build_world(synthetic.WorldConfig(seed=c.data.synthetic_seed)))
+    demos, counts = agent.warmup.build_demonstrations(
+        questions, engine, max_turns=settings.rollout.max_turns, plan=plan,
+        visible=agent.warmup.visible_documents(tokenizer, settings.rollout.max_obs_tokens))
+    logger.info("format warm-up of %s on %d demonstrations (%s) in %s", c.policy,
+                len(demos), counts, stage_dir)
+    if not demos:
+        raise ConfigError(f"config.warmup: no demonstration kept of {counts['examples']} "
+                          f"questions ({counts}); the engine's documents never contained a "
+                          "gold answer")
+    data = agent.warmup.encode_demonstrations(tokenizer, demos, settings.rollout)
+    sc = finetune.SFTConfig(steps=w.steps, batch_size=w.batch_size, lr=w.lr,
+                            max_length=data["tokens"].shape[1], weight_decay=0.01,
+                            compute_dtype=c.compute_dtype, remat=c.remat,
+                            checkpoint_every=w.steps, keep=1, seed=c.seed)
+    model_config, params = models.load_pretrained(c.policy, dtype=jnp.float32)
+    before_path = os.path.join(stage_dir, "validation_before.json")
+    if validate_fn is not None and not os.path.exists(before_path):
+        before = validate_fn(model_config, params)
+        logger.info("validation of the untrained policy: %s", _fmt(before))
+        os.makedirs(stage_dir, exist_ok=True)
+        with open(before_path, "w") as f:
+            json.dump(before, f, indent=2)
+    params = finetune.tune_on_arrays(model_config, params, data, stage_dir, sc,
+                                     desc="format warm-up")
+    # The master weights as they are: RL continues from them.
+    models.save_pretrained(model_config, params, hf_dir, tokenizer=tokenizer)
+    with open(os.path.join(stage_dir, "demonstrations.json"), "w") as f:
+        json.dump({**counts, "seconds": time.perf_counter() - t0,
+                   "tokens_per_row": int(data["tokens"].shape[1])}, f, indent=2)
+    return hf_dir
 
 
 def make_training_engine(c: ml_collections.ConfigDict, policy: tuple, tokenizer: Tokenizer,
@@ -312,6 +395,24 @@ def _batch_dict(batch: agent.RolloutBatch) -> dict[str, np.ndarray]:
             ("tokens", "attention_mask", "positions", "loss_mask", "rewards", "group")}
 
 
+_RESPONSE_BUCKET = 128
+
+
+def _trim_response(batch: agent.RolloutBatch, max_response: int) -> agent.RolloutBatch:
+    """The batch cut after the longest response of the step (over every process), rounded up
+    to `_RESPONSE_BUCKET` tokens (at most `max_response`). Responses are right-padded, so only
+    padding goes: an update over a [B, P + R] batch of mostly short episodes would otherwise
+    pay for the longest possible one on every row."""
+    P = batch.prompt_length
+    longest = int(batch.attention_mask[:, P:].sum(axis=1).max(initial=0))
+    longest = int(sharding.allgather(np.array(longest)).max())
+    R = min(max_response, max(1, -(-longest // _RESPONSE_BUCKET)) * _RESPONSE_BUCKET)
+    cut = lambda x: x[:, :P + R]  # noqa: E731
+    return batch.replace(tokens=cut(batch.tokens), attention_mask=cut(batch.attention_mask),
+                         positions=cut(batch.positions), loss_mask=cut(batch.loss_mask),
+                         logprobs=cut(batch.logprobs), rewards=cut(batch.rewards))
+
+
 def _across_processes(local: dict[str, float]) -> dict[str, float]:
     """Every process's step metrics reduced to the same numbers on each: the mean of the
     per-process means (every process rolls out as many episodes) and the slowest process's
@@ -355,15 +456,28 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # weight at every decode step).
     compute = jnp.dtype(c.compute_dtype)
     tokenizer = Tokenizer.from_pretrained(c.tokenizer or c.policy)
-    model_config, params = models.load_pretrained(c.policy, dtype=jnp.dtype(c.param_dtype))
+    val_engine = make_validation_engine(c)
+    val_examples = qa.sample(load_examples(c.data.validation, c), c.data.validation_size,
+                             seed=c.seed)
     to_compute = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(compute), p))
-    # The frozen initial policy, placed like the policy (scoring reads it every step).
-    ref_params = meshes.train.put(to_compute(params), meshes.train.param_shardings(model_config))
-    simulator_model = (tune_simulator(c, workdir)
+    initial_policy = c.policy
+    if c.warmup.steps:
+        def validate_untrained(config, params):
+            return validate(config, to_compute(params), tokenizer, val_examples, val_engine,
+                            settings, c.seed)
+
+        initial_policy = warm_up_policy(c, workdir, settings, tokenizer, val_engine,
+                                        validate_untrained)
+    # After the warm-up, so the simulator's training pairs come from a policy that searches.
+    simulator_model = (tune_simulator(c, workdir, initial_policy)
                        if c.simulator.kind == "llm" and c.simulator.get("tune") else None)
+    model_config, params = models.load_pretrained(initial_policy,
+                                                  dtype=jnp.dtype(c.param_dtype))
+    # The frozen initial policy (after the warm-up, if any), placed like the policy (scoring
+    # reads it every step).
+    ref_params = meshes.train.put(to_compute(params), meshes.train.param_shardings(model_config))
     train_engine = make_training_engine(c, (model_config, ref_params), tokenizer,
                                         simulator_model)
-    val_engine = make_validation_engine(c)
     if isinstance(train_engine, search.LLMSimulator):
         train_engine.place(meshes.simulator)  # its own sub-mesh, or the rollout devices
 
@@ -384,8 +498,6 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     # -- data -----------------------------------------------------------------------------------
     train_examples = load_examples(c.data.train, c)
-    val_examples = qa.sample(load_examples(c.data.validation, c), c.data.validation_size,
-                             seed=c.seed)
     data = DataIterator(train_examples, seed=c.seed)
 
     # -- resume ---------------------------------------------------------------------------------
@@ -427,9 +539,10 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         writer.write(0, val_metrics, prefix="val/")
         logger.info("validation before training: %s", _fmt(val_metrics))
 
-    # Fixed batch shapes, so scoring and the update compile once: the response length is the
-    # longest possible episode; the prompt length only grows (to the next bucket) if a longer
-    # prompt shows up.
+    # Few batch shapes, so scoring and the update compile a handful of times: rollouts are
+    # packed with room for the longest possible episode, then cut to the step's longest
+    # response rounded up to _RESPONSE_BUCKET (the same on every process); the prompt length
+    # only grows (to the next bucket) if a longer prompt shows up.
     response_length = -(-((rc.max_turns + 1) * rc.max_new_tokens
                           + rc.max_turns * rc.max_obs_tokens) // 64) * 64
     prompt_length = 0
@@ -455,6 +568,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                      batch_lengths=(prompt_length, response_length),
                                      placement=meshes.rollout, first_example=first_question)
         t_rollout = time.perf_counter() - t0
+        batch = _trim_response(batch, response_length)
         t1 = time.perf_counter()
         scored = fns.score(state.params, ref_params, state.critic_params,
                            meshes.train.put_batch(_batch_dict(batch), batch_size))

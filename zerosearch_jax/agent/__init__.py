@@ -1,5 +1,6 @@
 """The search agent: the ZeroSearch policy template and the multi-turn rollout."""
 
+from zerosearch_jax.agent import warmup
 from zerosearch_jax.agent.rollout import (
     EpisodeStats,
     RolloutBatch,
@@ -23,5 +24,5 @@ from zerosearch_jax.agent.template import (
 __all__ = [
     "INVALID_ACTION", "POLICY_TEMPLATE", "STOP_TAGS", "Action", "EpisodeStats", "RolloutBatch",
     "RolloutConfig", "SearchCall", "assemble_batch", "information_block", "observation_ids",
-    "parse_action", "policy_prompt", "prompt_ids", "rollout",
+    "parse_action", "policy_prompt", "prompt_ids", "rollout", "warmup",
 ]

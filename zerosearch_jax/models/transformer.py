@@ -64,31 +64,38 @@ def _param(module: nn.Module, name: str, axes: tuple[str | None, ...], shape, dt
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _mixed_einsum(eq: str, x: Array, y: Array) -> Array:
-    """einsum of low-precision inputs with a float32 result, whose backward pass also runs
-    low-precision dots with float32 accumulation.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _mixed_einsum(eq: str, dtype, x: Array, y: Array) -> Array:
+    """einsum of x and y cast to the low-precision `dtype`, with a float32 result, whose
+    backward pass also runs `dtype` dots with float32 accumulation.
 
     JAX's own VJP of a `preferred_element_type=float32` dot upcasts the operands and runs the
     backward matmuls in float32, ~5x slower than the bf16-in/f32-accumulate path on CPU (AMX)
-    and off the MXU's fast path on TPU. The cotangent is rounded to the inputs' dtype instead,
-    the usual bf16 mixed-precision recipe. Every index of each operand must appear in the other
-    operand or the output (true of every product in this model).
+    and off the MXU's fast path on TPU. Here the cotangent is rounded to `dtype` instead, the
+    usual bf16 mixed-precision recipe. The casts happen inside, so each operand's gradient
+    leaves the float32 accumulator in the operand's own dtype: a float32 master weight gets
+    its gradient without a round trip through bfloat16 (and without a separate convert).
+    Every index of each operand must appear in the other operand or the output (true of
+    every product in this model).
     """
-    return jnp.einsum(eq, x, y, preferred_element_type=jnp.float32)
+    return jnp.einsum(eq, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _mixed_einsum_fwd(eq, x, y):
-    return _mixed_einsum(eq, x, y), (x, y)
+def _mixed_einsum_fwd(eq, dtype, x, y):
+    xl, yl = x.astype(dtype), y.astype(dtype)
+    out = jnp.einsum(eq, xl, yl, preferred_element_type=jnp.float32)
+    # Residuals in `dtype`: half the activation memory of float32 ones. The zero-size arrays
+    # only carry the operands' dtypes to the backward pass.
+    return out, (xl, yl, jnp.zeros((0,), x.dtype), jnp.zeros((0,), y.dtype))
 
 
-def _mixed_einsum_bwd(eq, residuals, ct):
-    x, y = residuals
+def _mixed_einsum_bwd(eq, dtype, residuals, ct):
+    x, y, x_like, y_like = residuals
     (a, b), c = eq.split("->")[0].split(","), eq.split("->")[1]
-    ct = ct.astype(x.dtype)
+    ct = ct.astype(dtype)
     dx = jnp.einsum(f"{c},{b}->{a}", ct, y, preferred_element_type=jnp.float32)
     dy = jnp.einsum(f"{a},{c}->{b}", x, ct, preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), dy.astype(y.dtype)
+    return dx.astype(x_like.dtype), dy.astype(y_like.dtype)
 
 
 _mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
@@ -96,10 +103,11 @@ _mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
 
 def _einsum(eq: str, x: Array, y: Array, dtype) -> Array:
     """einsum with both inputs in `dtype` and a float32 result (float32 accumulation)."""
-    x, y = x.astype(dtype), y.astype(dtype)
+    dtype = jnp.dtype(dtype)
     if dtype == jnp.float32:
-        return jnp.einsum(eq, x, y, preferred_element_type=jnp.float32)
-    return _mixed_einsum(eq, x, y)
+        return jnp.einsum(eq, x.astype(dtype), y.astype(dtype),
+                          preferred_element_type=jnp.float32)
+    return _mixed_einsum(eq, dtype, x, y)
 
 
 def _dot(eq: str, x: Array, w: Array, dtype) -> Array:
@@ -202,15 +210,17 @@ class Attention(nn.Module):
             W = attn_mask.shape[-1]
             k, v = ck[:, :, :W], cv[:, :, :W]
 
-        # Canonical batched matmuls ([B, K] batch dims leading, queries of a group flattened
-        # to Q = G * T): XLA:CPU runs these on its fast path without transposing the cache.
+        # Batch dims [B, K] lead and the mask broadcasts over the G query heads of a KV head
+        # (never tiled): XLA:CPU runs both attention products on its batched-matmul path
+        # without transposing the cache, and the softmax and its backward pass touch each
+        # [B, K, G, T, W] score once. The 1/sqrt(D) scale is folded into q ([.., D] < [.., W]).
         cd = jnp.dtype(self.dtype or w_qkv.dtype)
-        q = q.transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)  # [B, K, Q, D], q = g * T + t
-        scores = _einsum("bkqd,bksd->bkqs", q, k, cd) * (D**-0.5)
-        mask = jnp.tile(attn_mask, (1, G, 1))[:, None]  # [B, 1, Q, S]
-        probs = jax.nn.softmax(jnp.where(mask, scores, _MASK_VALUE), axis=-1)
-        out = _einsum("bkqs,bksd->bkqd", probs, v, cd)
-        out = out.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, K * G * D)
+        q = (q * D**-0.5).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+        scores = _einsum("bkgtd,bksd->bkgts", q, k, cd)
+        scores = jnp.where(attn_mask[:, None, None], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = _einsum("bkgts,bksd->bkgtd", probs, v, cd)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G * D)
         w_o = _param(self, "o_weight", ("embed", "heads"), (E, K * G * D), self.param_dtype)
         return _dot("btf,ef->bte", out, w_o, self.dtype), new_kv
 

@@ -19,6 +19,7 @@ from zerosearch_jax.rl.algorithms import (
     get_advantage_estimator,
     get_kl_estimator,
     grpo_advantages,
+    head_logprobs_entropy,
     kl_abs,
     kl_k1,
     kl_loss,
@@ -39,8 +40,8 @@ from zerosearch_jax.rl.algorithms import (
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "KL_ESTIMATORS", "AdvantageConfig", "AdvantageEstimator",
     "KLEstimator", "LossConfig", "entropy_from_logits", "entropy_loss", "gae_advantages",
-    "get_advantage_estimator", "get_kl_estimator", "grpo_advantages", "kl_abs", "kl_k1",
-    "kl_loss", "kl_low_var", "kl_mse", "masked_mean", "masked_var", "masked_whiten",
-    "policy_loss", "ppo_actor_loss", "reinforce_advantages", "reinforce_pp_advantages",
-    "shifted_logprobs", "token_logprobs", "value_loss",
+    "get_advantage_estimator", "get_kl_estimator", "grpo_advantages", "head_logprobs_entropy",
+    "kl_abs", "kl_k1", "kl_loss", "kl_low_var", "kl_mse", "masked_mean", "masked_var",
+    "masked_whiten", "policy_loss", "ppo_actor_loss", "reinforce_advantages",
+    "reinforce_pp_advantages", "shifted_logprobs", "token_logprobs", "value_loss",
 ]

@@ -133,8 +133,14 @@ def policy_logprobs(config: models.ModelConfig, params, tokens: Array, attention
     Entry 0 of both is 0 (nothing predicts the first token). dtype: matmul input dtype.
     """
     hidden = _hidden(config, params, tokens, attention_mask, positions, remat, dtype)
-    logits = models.project_logits(config, params, hidden, dtype) / temperature
-    return algo.shifted_logprobs(logits, tokens), _shift_right(algo.entropy_from_logits(logits))
+    head = (params["embedder"]["embedding"] if config.tie_word_embeddings
+            else params["lm_head"]["weight"])
+    # Position t predicts token t + 1; the last position predicts nothing (its target is a
+    # dummy and its value is shifted out).
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+    logp, entropy = algo.head_logprobs_entropy(
+        hidden, head, targets, jnp.dtype(dtype or head.dtype), float(temperature))
+    return _shift_right(logp), _shift_right(entropy)
 
 
 def init_critic(config: models.ModelConfig, policy_params, rng: Array) -> dict:
@@ -239,15 +245,28 @@ def _accumulate(loss_fn: Callable, params, micro_batches: dict, n_micro: int):
     return grads, metrics
 
 
-def _apply_if_finite(optimizer, grads, params, opt_state, loss):
-    """One optimizer step, skipped (state kept) if the loss or any gradient is not finite."""
-    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    safe = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-    updates, new_opt = optimizer.update(safe, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    return keep(new_params, params), keep(new_opt, opt_state), finite
+def _apply_if_finite(optimizer, grads, params, opt_state, loss, grad_norm=None):
+    """One optimizer step, skipped (state kept) if the loss or any gradient is not finite.
+
+    Finiteness is read from the global gradient norm (a nan or inf anywhere makes it
+    non-finite; so does a norm beyond float32's range, which no step should take either), and
+    the skip is a `lax.cond`: a per-leaf `where` between the old and new parameters and
+    moments would cost three extra passes over them every step.
+    """
+    grad_norm = optax.global_norm(grads) if grad_norm is None else grad_norm
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def step(operands):
+        grads, params, opt_state = operands
+        updates, new_opt = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt
+
+    def skip(operands):
+        _, params, opt_state = operands
+        return params, opt_state
+
+    new_params, new_opt = jax.lax.cond(finite, step, skip, (grads, params, opt_state))
+    return new_params, new_opt, finite
 
 
 def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
@@ -289,7 +308,8 @@ def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
         metrics = {k: v / count for k, v in metrics.items()}
         metrics["grad_norm"] = optax.global_norm(grads)
         params, opt_state, finite = _apply_if_finite(actor_opt, grads, state.params,
-                                                     state.opt_state, metrics["loss"])
+                                                     state.opt_state, metrics["loss"],
+                                                     metrics["grad_norm"])
         metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
         critic_params, critic_opt_state = state.critic_params, state.critic_opt_state
         if critic_params is not None:
@@ -298,7 +318,8 @@ def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
             metrics["vf_loss"] = cm["vf_loss"] / count
             metrics["critic_grad_norm"] = optax.global_norm(cgrads)
             critic_params, critic_opt_state, cfinite = _apply_if_finite(
-                critic_opt, cgrads, critic_params, critic_opt_state, metrics["vf_loss"])
+                critic_opt, cgrads, critic_params, critic_opt_state, metrics["vf_loss"],
+                metrics["critic_grad_norm"])
             metrics["nonfinite"] = jnp.maximum(metrics["nonfinite"], 1.0 - cfinite)
         return TrainState(state.step, params, opt_state, critic_params, critic_opt_state), metrics
 

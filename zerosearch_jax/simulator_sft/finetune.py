@@ -110,23 +110,38 @@ def run_finetune(config: models.ModelConfig, params, tokenizer, examples: Sequen
              workdir: str, sc: SFTConfig, *, progress: bool = True):
     """Tunes `params` on the examples; checkpoints in `<workdir>/checkpoints` (resumed when
     present), the loss curve in `<workdir>/metrics.jsonl`. Returns the tuned parameters."""
-    import orbax.checkpoint as ocp
-    from tqdm import tqdm
-
-    from zerosearch_jax.metrics import MetricsWriter
-
     if not examples:
         raise ValueError("no SFT examples to tune on")
     data, cut = encode(tokenizer, examples, sc.max_length)
     if cut:
         logger.warning("%d of %d targets were cut to fit finetune.max_length=%d", cut,
                        len(examples), sc.max_length)
+    return tune_on_arrays(config, params, data, workdir, sc, progress=progress,
+                          desc="simulator sft")
+
+
+def tune_on_arrays(config: models.ModelConfig, params, data: dict[str, np.ndarray],
+                   workdir: str, sc: SFTConfig, *, progress: bool = True,
+                   desc: str = "sft"):
+    """The masked next-token tuning loop on encoded rows (the simulator's SFT, the policy's
+    format warm-up): `data` holds tokens, attention_mask, positions, loss_mask [N, T]; each
+    step draws `sc.batch_size` rows (shuffled per epoch from `sc.seed`). Checkpoints (state
+    and data position) in `<workdir>/checkpoints`, resumed when present; the loss curve in
+    `<workdir>/metrics.jsonl`. Returns the tuned parameters."""
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    from zerosearch_jax.metrics import MetricsWriter
+
+    n = len(data["tokens"])
+    if n == 0:
+        raise ValueError("no rows to tune on")
     optimizer = ts.make_optimizer(sc.lr, sc.steps, sc.warmup_ratio, weight_decay=sc.weight_decay,
                                   grad_clip=sc.grad_clip)
     state = ts.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=optimizer.init(params))
     step_fn = jax.jit(lambda s, b: sft_step(config, sc, optimizer, s, b), donate_argnums=(0,))
-    order = DataIterator(list(range(len(examples))), seed=sc.seed)
+    order = DataIterator(list(range(n)), seed=sc.seed)
 
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")),
@@ -140,9 +155,9 @@ def run_finetune(config: models.ModelConfig, params, tokenizer, examples: Sequen
         state, start = restored["state"], int(restored["meta"]["step"])
         order.restore(restored["meta"]["data"])
         writer.truncate_after(start)
-        logger.info("simulator SFT resumed at step %d", start)
+        logger.info("%s resumed at step %d", desc, start)
 
-    bar = tqdm(range(start, sc.steps), initial=start, total=sc.steps, desc="simulator sft",
+    bar = tqdm(range(start, sc.steps), initial=start, total=sc.steps, desc=desc,
                disable=not progress, dynamic_ncols=True)
     for step in bar:
         idx = np.asarray(order.next_batch(sc.batch_size))

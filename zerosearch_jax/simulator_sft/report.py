@@ -92,13 +92,15 @@ def write_report(results: Mapping[str, Mapping[str, Mapping[str, float]]], out_d
     import matplotlib.pyplot as plt
 
     header = ("| simulator | useful: contains answer | noisy: contains answer | useful: format "
-              "valid | noisy: format valid | words/doc | queries |\n|---|---|---|---|---|---|---|")
+              "valid | noisy: format valid | words/doc | outputs (useful / noisy) |\n"
+              "|---|---|---|---|---|---|---|")
     lines = [header]
     for name, r in results.items():
         u, n = r["useful"], r["noisy"]
         lines.append(f"| {name} | {u['contains_answer']:.2f} | {n['contains_answer']:.2f} | "
                      f"{u['format_valid']:.2f} | {n['format_valid']:.2f} | "
-                     f"{np.nanmean([u['words_per_doc'], n['words_per_doc']]):.1f} | {u['n']} |")
+                     f"{np.nanmean([u['words_per_doc'], n['words_per_doc']]):.1f} | "
+                     f"{u['n']} / {n['n']} |")
     table = "\n".join(lines)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("# Simulator quality on held-out queries\n\n" + table + "\n")
