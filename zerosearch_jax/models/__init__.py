@@ -14,6 +14,7 @@ from zerosearch_jax.models.transformer import (
     causal_attention_mask,
     extend,
     forward,
+    head_weight,
     init_cache,
     init_params,
     param_logical_axes,
@@ -35,8 +36,8 @@ from zerosearch_jax.models.weights import (
 __all__ = [
     "DEFAULT_MODEL", "EMBEDDED_MODELS", "ConfigError", "GGUFSource", "KVCache", "ModelConfig",
     "RopeScaling", "SafetensorsSource", "Transformer", "WeightsError", "assemble_params",
-    "cache_logical_axes", "causal_attention_mask", "extend", "forward", "hf_tensors",
-    "init_cache", "init_params",
-    "load_pretrained", "param_logical_axes", "param_shapes", "positions_from_mask",
-    "project_logits", "read_hf_config", "resolve_model", "save_pretrained", "tiny_config",
+    "cache_logical_axes", "causal_attention_mask", "extend", "forward", "hf_tensors", "init_cache",
+    "init_params", "load_pretrained", "param_logical_axes", "param_shapes", "positions_from_mask",
+    "head_weight", "project_logits", "read_hf_config", "resolve_model", "save_pretrained",
+    "tiny_config",
 ]

@@ -78,7 +78,7 @@ def _mixed_einsum(eq: str, dtype, x: Array, y: Array) -> Array:
     Every index of each operand must appear in the other operand or the output (true of
     every product in this model).
     """
-    return jnp.einsum(eq, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
+    return _mixed_einsum_fwd(eq, dtype, x, y)[0]
 
 
 def _mixed_einsum_fwd(eq, dtype, x, y):
@@ -120,11 +120,16 @@ def _head(hidden: Array, w: Array, dtype) -> Array:
     return _dot(eq, hidden, w, dtype)
 
 
+def head_weight(config: ModelConfig, params) -> Array:
+    """The LM head matrix [V, E]: the embedding table when tied, else `lm_head`."""
+    if config.tie_word_embeddings:
+        return params["embedder"]["embedding"]
+    return params["lm_head"]["weight"]
+
+
 def project_logits(config: ModelConfig, params, hidden: Array, dtype=None) -> Array:
     """LM head: final hidden states [..., E] -> float32 logits [..., V]."""
-    if config.tie_word_embeddings:
-        return _head(hidden, params["embedder"]["embedding"], dtype)
-    return _head(hidden, params["lm_head"]["weight"], dtype)
+    return _head(hidden, head_weight(config, params), dtype)
 
 
 def rope_sin_cos(config: ModelConfig, positions: Array) -> tuple[Array, Array]:

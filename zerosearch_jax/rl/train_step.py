@@ -133,8 +133,7 @@ def policy_logprobs(config: models.ModelConfig, params, tokens: Array, attention
     Entry 0 of both is 0 (nothing predicts the first token). dtype: matmul input dtype.
     """
     hidden = _hidden(config, params, tokens, attention_mask, positions, remat, dtype)
-    head = (params["embedder"]["embedding"] if config.tie_word_embeddings
-            else params["lm_head"]["weight"])
+    head = models.head_weight(config, params)
     # Position t predicts token t + 1; the last position predicts nothing (its target is a
     # dummy and its value is shifted out).
     targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
