@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 
 import jax.numpy as jnp
 
 from zerosearch_jax import models, sampling
+from zerosearch_jax.cli import setup_logging
 from zerosearch_jax.tokenizer import Tokenizer
 
 DEFAULT_PROMPTS = ("What is the capital of France?",
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
     sampler_kwargs = {} if args.temperature is None else {"temperature": args.temperature}
     try:

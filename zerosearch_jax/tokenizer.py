@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -73,11 +72,7 @@ class Tokenizer:
         from zerosearch_jax.models.hub import resolve_model
 
         path = resolve_model(name_or_path)
-        if path.endswith(".gguf"):
-            hf = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
-                                               gguf_file=os.path.basename(path))
-        else:
-            hf = AutoTokenizer.from_pretrained(path)
+        hf = gguf_tokenizer(path) if path.endswith(".gguf") else AutoTokenizer.from_pretrained(path)
         return cls(hf)
 
     @property
@@ -171,3 +166,88 @@ class Tokenizer:
     def tag_ids(self) -> dict[str, tuple[int, ...]]:
         """Each agent tag's ids when it starts a line (for building prompts and inspection)."""
         return {t: tuple(self.encode(t)) for t in AGENT_TAGS}
+
+
+# -- tokenizers of GGUF files ----------------------------------------------------------------
+#
+# A GGUF file stores its tokenizer as metadata (llama.cpp key names): the vocabulary, the BPE
+# merges, each token's type, the special ids and the chat template. transformers' own GGUF
+# loader reads that metadata through a module that imports torch, which a runtime install does
+# not have, so the byte-level BPE tokenizers (`tokenizer.ggml.model == "gpt2"`: SmolLM2, Llama 3,
+# Qwen2/2.5/3) are built here with the `tokenizers` library directly.
+
+# How text is split before BPE, by `tokenizer.ggml.pre` (llama.cpp's `llama-vocab.cpp` names),
+# as the regex of a `Split` pre-tokenizer. Types not listed use GPT-2's built-in split.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GGUF_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+                "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+# Pre-tokenizers that split every digit on its own before GPT-2's split (SmolLM's was trained so).
+_GGUF_DIGIT_SPLIT = ("smollm",)
+_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def _byte_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (the spelling of byte-level vocabs)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    extra = (b for b in range(256) if b not in keep)
+    return {b: chr(b) if b in keep else chr(256 + n) for n, b in enumerate(extra)} | {
+        b: chr(b) for b in keep}
+
+
+def gguf_tokenizer(path: str):
+    """A `transformers` fast tokenizer built from a GGUF file's metadata, without torch.
+
+    Supports byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`), which covers the
+    SmolLM2, Llama 3 and Qwen families; other types name the alternative (a HF directory).
+    """
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RustTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from zerosearch_jax.models.weights import GGUFSource, WeightsError
+
+    src = GGUFSource(path)
+    kind = src.field("tokenizer.ggml.model")
+    tokens = src.field("tokenizer.ggml.tokens")
+    if kind != "gpt2" or not tokens:
+        raise WeightsError(
+            f"{path}: tokenizer type {kind!r} cannot be built from a GGUF file here (byte-level "
+            f"BPE, 'gpt2', can); pass a Hugging Face directory with tokenizer.json instead")
+    spelling = _byte_unicode()
+    alphabet = set(spelling.values())
+    # Byte-level vocabularies spell every byte with `spelling`; a token in other characters
+    # (a mislabelled control token) is re-spelled from its UTF-8 bytes, as HF's converter does.
+    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i
+             for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in src.field("tokenizer.ggml.merges", [])]
+    rust = RustTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    pre = src.field("tokenizer.ggml.pre")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in _GGUF_SPLITS)
+    if pre in _GGUF_SPLITS:
+        rust.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(_GGUF_SPLITS[pre]), behavior="isolated"), byte_level])
+    elif pre in _GGUF_DIGIT_SPLIT:
+        rust.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        rust.pre_tokenizer = byte_level
+    rust.decoder = decoders.ByteLevel()
+    types = src.field("tokenizer.ggml.token_type") or [1] * len(tokens)
+    rust.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                             for t, k in zip(tokens, types, strict=True)
+                             if k == _GGUF_CONTROL and set(t) <= alphabet])
+    rust.add_tokens([AddedToken(t, special=False, normalized=False)
+                     for t, k in zip(tokens, types, strict=True) if k == _GGUF_USER_DEFINED])
+
+    def special(key: str) -> str | None:
+        i = src.field(f"tokenizer.ggml.{key}_token_id")
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=rust, bos_token=special("bos"), eos_token=special("eos"),
+        unk_token=special("unknown"), pad_token=special("padding"),
+        chat_template=src.field("tokenizer.chat_template"))

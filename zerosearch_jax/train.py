@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from zerosearch_jax import agent, curriculum, models, sampling, search, sharding
+from zerosearch_jax.cli import setup_logging
 from zerosearch_jax.data import qa, synthetic
 from zerosearch_jax.data.iterator import DataIterator
 from zerosearch_jax.rl import algorithms as algo
@@ -449,6 +450,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(c.to_json_best_effort(indent=2))
+        logger.info("%s", describe_run(c, workdir))
+    times = {"start": time.perf_counter()}
 
     # -- models ---------------------------------------------------------------------------------
     # Master weights (and Adam moments) in param_dtype; rollouts, the frozen reference and the
@@ -468,9 +471,11 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
         initial_policy = warm_up_policy(c, workdir, settings, tokenizer, val_engine,
                                         validate_untrained)
+    times["warmup"] = time.perf_counter()
     # After the warm-up, so the simulator's training pairs come from a policy that searches.
     simulator_model = (tune_simulator(c, workdir, initial_policy)
                        if c.simulator.kind == "llm" and c.simulator.get("tune") else None)
+    times["simulator_tuning"] = time.perf_counter()
     model_config, params = models.load_pretrained(initial_policy,
                                                   dtype=jnp.dtype(c.param_dtype))
     # The frozen initial policy (after the warm-up, if any), placed like the policy (scoring
@@ -628,7 +633,43 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                    os.path.join(workdir, "hf_policy"), tokenizer=tokenizer)
         with open(os.path.join(workdir, "final_validation.json"), "w") as f:
             json.dump(val_metrics, f, indent=2)
+        times["rl"] = time.perf_counter()
+        minutes = {k: (times[k] - t) / 60 for k, t in zip(
+            ("warmup", "simulator_tuning", "rl"), (times["start"], times["warmup"],
+                                                   times["simulator_tuning"]), strict=True)}
+        logger.info("done in %.1f min (format warm-up %.1f, simulator tuning %.1f, RL and "
+                    "validation %.1f; a stage reused from an earlier run counts ~0)",
+                    sum(minutes.values()), *minutes.values())
+        logger.info("final validation: %s", _fmt(val_metrics))
+        logger.info("outputs in %s: hf_policy/ (the trained policy), final_validation.json, "
+                    "metrics.jsonl, plots/training_curves.png", workdir)
     return val_metrics
+
+
+def describe_run(c: ml_collections.ConfigDict, workdir: str) -> str:
+    """A few lines saying what each stage of this run does and where its outputs go."""
+    stages = []
+    if c.warmup.steps:
+        stages.append(f"format warm-up: behaviour cloning of {c.policy} on demonstration "
+                      f"episodes (search with {c.validation.engine}, read, answer), "
+                      f"{c.warmup.steps} steps -> {os.path.join(workdir, 'warmup', 'hf')}")
+    if c.simulator.kind == "llm" and c.simulator.get("tune"):
+        sft = c.simulator.sft
+        stages.append(f"simulator tuning: the policy searches {sft.collect.engine} on "
+                      f"{sft.data.num_questions} questions, the results are labelled useful / "
+                      f"noisy, {c.simulator.model} is fine-tuned on them ({sft.finetune.steps} "
+                      f"steps) and reported -> {os.path.join(workdir, 'simulator_sft', 'hf')}")
+    engine = {"llm": "the tuned simulator" if c.simulator.get("tune") else
+              f"the simulator {c.simulator.model}", "server": f"the simulator at "
+              f"{c.simulator.url}"}.get(c.simulator.kind, f"the real engine {c.simulator.kind}")
+    stages.append(f"RL: {c.total_steps} {c.algorithm.estimator} steps of {c.prompts_per_step} "
+                  f"questions x {c.rollout.samples_per_prompt} episodes against {engine} "
+                  f"(noise {c.curriculum.start:.2f} -> {c.curriculum.end:.2f}), validated on "
+                  f"{c.data.validation_size} questions with {c.validation.engine} every "
+                  f"{c.validation.every} steps -> metrics.jsonl, plots/, checkpoints/, hf_policy/, "
+                  f"final_validation.json")
+    lines = [f"  stage {i}/{len(stages)} {stage}" for i, stage in enumerate(stages, 1)]
+    return "\n".join([f"training run in {workdir} (re-running the command resumes it):", *lines])
 
 
 def _fmt(m: dict[str, float]) -> str:
@@ -654,10 +695,7 @@ def main(argv=None):
     process_id = flags.DEFINE_integer("process_id", None, "with --coordinator_address")
 
     def run(_):
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        for noisy in ("absl", "jax._src", "bm25s", "orbax", "httpx"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        setup_logging()
         # Before anything touches a device: afterwards jax.devices() lists every process's.
         if coordinator.value:
             if num_processes.value is None or process_id.value is None:

@@ -437,7 +437,7 @@ def load_pretrained(path: str, dtype=jnp.float32, *, place=None) -> tuple[ModelC
         config = read_hf_config(resolved)
         source = SafetensorsSource(resolved)
     params = assemble_params(config, source, dtype, place)
-    logger.info("loaded %s (%s, %d layers) in %s", resolved, config.model_type,
+    logger.debug("loaded %s (%s, %d layers) in %s", resolved, config.model_type,
                 config.num_layers, jnp.dtype(dtype).name)
     return config, params
 

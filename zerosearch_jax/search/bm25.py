@@ -178,7 +178,9 @@ class BM25SearchEngine(SearchEngine):
         retriever.index(tokens, show_progress=False)
         engine = cls(retriever, passages, stemmer=stemmer, topk=topk)
         engine.build_time_s = time.perf_counter() - start
-        logger.info(
+        # Worth a line only when it took a while (a Wikipedia-size corpus).
+        logger.log(
+            logging.INFO if engine.build_time_s > 1.0 else logging.DEBUG,
             "built BM25 index over %d passages in %.2f s (stemmer=%s)",
             len(passages), engine.build_time_s, stemmer,
         )

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from zerosearch_jax.cli import setup_logging
 from zerosearch_jax.search.bm25 import BM25SearchEngine
 
 logger = logging.getLogger(__name__)
@@ -172,8 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.topk < 1:
         parser.error(f"--topk must be >= 1, got {args.topk}")
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs internals at INFO/DEBUG
+    setup_logging(args.log_level.upper())
     engine = BM25SearchEngine.open(args.corpus, index_dir=args.index_dir, topk=args.topk)
     server = RetrievalServer((args.host, args.port), engine)
     logger.info(

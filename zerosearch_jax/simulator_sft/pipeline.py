@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from zerosearch_jax import agent, models, sampling, search
+from zerosearch_jax.cli import setup_logging
 from zerosearch_jax.data import qa
 from zerosearch_jax.data.jsonl import read_jsonl, write_jsonl_atomic
 from zerosearch_jax.simulator_sft import collect as collect_lib
@@ -216,10 +217,7 @@ def main(argv=None):
                                        required=True)
 
     def _run(_):
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        for noisy in ("absl", "jax._src", "bm25s", "orbax", "httpx"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        setup_logging()
         try:
             hf_dir = run(config_flag.value, workdir_flag.value)
         except ConfigError as e:
