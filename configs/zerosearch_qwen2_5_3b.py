@@ -53,17 +53,23 @@ def get_config(policy="Qwen/Qwen2.5-3B", noise_start=0.0, noise_end=0.25,
     c.algorithm.micro_batch_size = 8
     c.algorithm.entropy_coef = 0.001
     c.algorithm.kl_coef = 0.001
-    c.algorithm.kl_estimator = "low_var_kl"
-    c.algorithm.use_kl_loss = estimator != "gae"
-    c.algorithm.kl_in_reward = estimator == "gae"
+    # REINFORCE / GRPO: a KL loss term with the low-variance estimator (veRL `use_kl_loss`,
+    # `low_var_kl`). PPO (veRL `kl_penalty: kl`) and REINFORCE++ put -kl_coef * k1 into every
+    # token's reward before the return instead, and have no KL loss.
+    kl_in_reward = estimator in ("gae", "reinforce_pp")
+    c.algorithm.kl_estimator = "k1" if kl_in_reward else "low_var_kl"
+    c.algorithm.use_kl_loss = not kl_in_reward
+    c.algorithm.kl_in_reward = kl_in_reward
     c.optim.lr = 1e-6
     c.optim.warmup_ratio = 0.285 if estimator == "gae" else 0.95
     c.optim.critic_lr = 1e-5
+    c.optim.critic_warmup_ratio = 0.015  # train_ppo.sh: critic.optim.lr_warmup_steps_ratio
     c.optim.weight_decay = 0.01
     c.optim.grad_clip = 1.0
     c.validation.every = 25
     c.validation.engine = "searchr1"
     c.validation.url = "http://127.0.0.1:8000/retrieve"
+    c.validation.topk = 5  # the paper evaluates with five documents
     c.checkpoint.every = 25
     c.checkpoint.keep = 3
     # Fully sharded data parallel over every chip (e.g. a v4-32 or v5e-32 slice).

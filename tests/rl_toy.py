@@ -16,14 +16,15 @@ def toy_config():
                               num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
 
 
-def toy_batch(config, params, rng, prompts_per_step=4, samples=4):
+def toy_batch(config, params, rng, prompts_per_step=4, samples=4,
+              sampler=sampling.Temperature(1.0)):
     """Samples GEN tokens after each prompt and packs a RolloutBatch-like dict.
 
     Between prompt and generation sit three inserted tokens (loss mask 0), like documents.
     """
     prompts = [[1, 4 + i % 3, 5, 3, 3, 3] for i in range(prompts_per_step)]
     rows = [p for p in prompts for _ in range(samples)]
-    out = sampling.generate(config, params, rows, sampling.Temperature(1.0),
+    out = sampling.generate(config, params, rows, sampler,
                             max_new_tokens=GEN, rng=rng, stop=sampling.StopConditions(pad_id=0))
     P = len(rows[0])
     tokens = np.concatenate([np.array(rows), out["tokens"]], axis=1).astype(np.int32)
@@ -33,9 +34,11 @@ def toy_batch(config, params, rng, prompts_per_step=4, samples=4):
     reward = (out["tokens"] == TARGET).mean(axis=1).astype(np.float32)
     rewards = np.zeros((B, T), np.float32)
     rewards[:, -1] = reward
+    logprobs = np.zeros((B, T), np.float32)
+    logprobs[:, P:] = out["logprobs"]
     batch = {"tokens": tokens, "attention_mask": np.ones((B, T), bool),
              "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
-             "loss_mask": loss_mask, "rewards": rewards,
+             "loss_mask": loss_mask, "logprobs": logprobs, "rewards": rewards,
              "group": np.repeat(np.arange(prompts_per_step), samples).astype(np.int32)}
     return batch, float(reward.mean())
 

@@ -9,6 +9,7 @@ from zerosearch_jax.rewards import (
     exact_match,
     extract_answer,
     f1_score,
+    flashrag_f1_score,
     normalize_answer,
     score_response,
 )
@@ -54,11 +55,22 @@ def test_f1_partial_overlap():
     assert f1_score("obama obama", "obama") == pytest.approx(2 / 3)
 
 
-def test_yes_no_quirk():
-    assert f1_score("yes no", "no") == 0.0  # "no" gold, different prediction: no partial credit
-    assert f1_score("no", "no way") == 0.0
+def test_training_f1_has_no_yes_no_rule_as_upstream():
+    # Upstream's qa_em.py: plain token F1 on yes / no answers.
+    assert f1_score("yes it is", "yes") == pytest.approx(0.5)
+    assert f1_score("yes no", "no") == pytest.approx(2 / 3)
+    assert f1_score("no", "no way") == pytest.approx(2 / 3)
     assert f1_score("yes", "Yes.") == 1.0
-    assert f1_score("not yes", "maybe not") == 0.5  # the quirk only applies to the exact words
+    assert score_response("<answer> yes it is </answer>", ["yes"])["f1"] == pytest.approx(0.5)
+
+
+def test_flashrag_f1_keeps_the_yes_no_rule_for_evaluation():
+    assert flashrag_f1_score("yes it is", "yes") == 0.0
+    assert flashrag_f1_score("yes no", "no") == 0.0  # no partial credit against "no"
+    assert flashrag_f1_score("no", "no way") == 0.0
+    assert flashrag_f1_score("yes", "Yes.") == 1.0
+    assert flashrag_f1_score("not yes", "maybe not") == 0.5  # only the exact words
+    assert score_response("<answer> yes it is </answer>", ["yes"], flashrag_f1=True)["f1"] == 0.0
 
 
 def test_no_answer_scores_zero():

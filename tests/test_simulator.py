@@ -50,7 +50,9 @@ from zerosearch_jax.search import (
 
 FAST = RetryPolicy(timeout_s=0.25, max_retries=2, backoff_s=0.01, max_backoff_s=0.02)
 
-# REFERENCE section 3, verbatim: what the released Simulation_LLM checkpoints were tuned on.
+# Upstream's text (Alibaba-NLP/ZeroSearch `llm_agent/generation.py`), copied verbatim: what the
+# released Simulation_LLM checkpoints were tuned on. The prompt ends with a newline (upstream's
+# string closes on the line after "Useful Output:").
 USEFUL_PROMPT = """You are the Google search engine.
 Given a query, you need to generate five useful documents for the query.
 
@@ -58,7 +60,50 @@ The user is trying to answer the question: "{question}" whose answer is {gold_an
 Each document should contain about 30 words, and these documents should contain useful information.
 
 Query: {query}
-Useful Output:"""
+Useful Output:
+"""
+
+# Upstream's `search_simulate_prompt` (the prompt-only simulator), verbatim.
+PROMPTED_USEFUL = """You are the Google search engine.
+Given a query, you need to imitate the style of the following demos and generate five useful documents for the query.
+
+Here is an example:
+Query: George Washington Bridge opening year
+Useful Output:
+Doc 1: The George Washington Bridge, an iconic structure connecting New York City to New Jersey, opened on October 25, 1931. Designed by Othmar Ammann, it marked a major milestone in civil engineering.
+Doc 2: Originally the Hudson River Bridge, the George Washington Bridge was named after the U.S.'s first president. Its 3,500-foot suspension span was the world's longest at completion in 1931.
+Doc 3: The bridge was modified in 1962 with added lower deck lanes, increasing capacity and easing congestion. This expansion transformed the bridge into a double-decked structure with twelve lanes.
+Doc 4: Constructed over four years, the George Washington Bridge's steel towers and cables exemplified engineering progress. It crucially linked New York and New Jersey's transportation networks.
+Doc 5: Handling over 103 million annual vehicles, the George Washington Bridge is globally one of the busiest. The Port Authority of NY and NJ oversees its traffic and infrastructure maintenance.
+
+The user is trying to answer the question: "{problem}" whose answer is {ground_truth}.
+You should generate documents that can help the user find the answer.
+Each document should contain about 30 words.
+You must directly output the English documents and not output any other texts.
+
+Query: {query}
+Useful Output:
+"""  # noqa: E501
+
+# Its noisy prompt's first line ends with a space, as upstream's does.
+PROMPTED_NOISY = """You are the Google search engine.\x20
+Given a query, you need to imitate the style of the following demos and generate five related but noisy documents for the query.
+
+Here is an example:
+Query: George Washington Bridge opening year
+Noisy Output:
+Doc 1: The George Washington Bridge was a significant addition to New York's infrastructure, but there were many challenges during its construction, including budget overruns and worker strikes.
+Doc 2: While often mistaken for the opening of another iconic bridge, the Brooklyn Bridge, the George Washington Bridge has its own storied history involving political maneuvering and urban planning debates that shaped the bridge's final design.
+Doc 3: Discussions about the naming of the George Washington Bridge are interesting, as it was named to honor the first President of the United States. The name choice was significant given the geographical and historical implications of Washington's legacy.
+Doc 4: The bridge has been a point of contention over toll increases, traffic congestion solutions, and environmental impact assessments, which continue to affect policy decisions in the area.
+Doc 5: Considerations around the visual and architectural design of the George Washington Bridge also played a crucial role in its legacy as a landmark, balancing aesthetics with functionality.
+
+Each document should contain about 30 words, and these documents should contain related but noisy information.
+You must directly output the English documents and not output any other texts.
+
+Query: {query}
+Noisy Output:
+"""  # noqa: E501
 
 CTX_A = QueryContext("Who founded Tralax Industries?", ("Zorvan Kelith", "Kelith"))
 CTX_B = QueryContext("In which city was Drumo Vaeth born?", ("Brellos",))
@@ -86,27 +131,18 @@ def test_finetuned_prompt_is_the_released_template(useful):
 
 
 @pytest.mark.parametrize("useful", [True, False])
-def test_prompted_prompt_adds_a_five_document_demo(useful):
-    kind = "Useful" if useful else "Noisy"
-    text = simulator_prompt("Tralax founder", CTX_A, useful, "prompted")
-    finetuned = simulator_prompt("Tralax founder", CTX_A, useful)
-    head = finetuned.rpartition("\nQuery: ")[0]
-    assert text.startswith(head)
-    assert text.endswith(f"\n\nQuery: Tralax founder\n{kind} Output:")
-    demo = text[len(head):-len(f"Query: Tralax founder\n{kind} Output:")]
-    assert f"\n{kind} Output:\n" in demo
-    assert [line[:6] for line in demo.splitlines() if line.startswith("Doc ")] == [
-        f"Doc {i}:" for i in range(1, 6)]
-    # The useful and noisy demos are different documents.
-    other = simulator_prompt("Tralax founder", CTX_A, not useful, "prompted")
-    assert demo.split("Doc 1:")[1] != other.split("Doc 1:")[1]
+def test_prompted_prompt_is_upstreams_one_shot_text(useful):
+    template = PROMPTED_USEFUL if useful else PROMPTED_NOISY
+    expected = template.format(problem=CTX_A.question, ground_truth="Zorvan Kelith",
+                               query="Tralax founder")
+    assert simulator_prompt("Tralax founder", CTX_A, useful, "prompted") == expected
 
 
-def test_prompted_demo_stays_before_a_query_that_contains_a_query_line():
-    query = "first part\nQuery: second part"
-    text = simulator_prompt(query, CTX_B, True, "prompted")
-    assert text.endswith(f"\n\nQuery: {query}\nUseful Output:")
-    assert text.index("Here is an example.") < text.index("first part")
+def test_prompts_keep_braces_and_query_lines_of_the_query_as_they_are():
+    query = "first {part}\nQuery: second part"
+    for variant in ("finetuned", "prompted"):
+        text = simulator_prompt(query, CTX_B, True, variant)
+        assert text.endswith(f"\n\nQuery: {query}\nUseful Output:\n")
 
 
 def test_bad_variant_raises():
@@ -159,7 +195,10 @@ def test_each_query_gets_its_own_question_and_answer(smollm2_tokenizer, tiny_lm,
     for i, (res, query, ctx) in enumerate(zip(results, queries, contexts, strict=True)):
         prompt = res.metadata["prompt"]
         assert prompt == simulator_prompt(query, ctx, res.metadata["useful"], variant)
-        assert f'question: "{ctx.question}" whose answer is {ctx.golden_answers[0]}.' in prompt
+        if variant == "finetuned" or res.metadata["useful"]:  # upstream's prompted noisy
+            # prompt states neither the question nor its answer
+            assert (f'question: "{ctx.question}" whose answer is {ctx.golden_answers[0]}.'
+                    in prompt)
         for j, other in enumerate(contexts):
             if j != i:
                 assert other.question not in prompt
@@ -232,7 +271,7 @@ def openai_simulator(method, path, query, body):
     request = json.loads(body)
     if path != "/v1/chat/completions":
         return 404, b'{"error": "not found"}'
-    query = re.search(r"\nQuery: (.*)\n(?:Useful|Noisy) Output:$",
+    query = re.search(r"\nQuery: (.*)\n(?:Useful|Noisy) Output:\n$",
                       request["messages"][1]["content"]).group(1)
     return 200, chat_reply(f"Doc 1: {query} one\n\n\nDoc 2: {query} two\n\nDoc 3: {query} three")
 
@@ -654,13 +693,64 @@ def test_rollout_invalid_action_gets_the_message_and_no_answer(smollm2_tokenizer
     assert engine.batches == []
     for i in range(2):
         policy, inserted = texts(tok, batch, i)
-        assert policy == [" and", " and"]  # the eos token is kept in the ids, decoded away
+        assert policy == [" and", " and"]  # the trailing eos is dropped (as upstream)
         assert inserted == [INVALID_ACTION]
         assert "<answer> and </answer>" in stats.responses[i]
         assert rewards.extract_answer(stats.responses[i]) == "and"
     assert stats.answers == [None, None] and not stats.f1.any() and not batch.rewards.any()
     # The message after the first turn counts; the final turn ends the episode without one.
     np.testing.assert_array_equal(stats.invalid_actions, [1, 1])
+
+
+def test_a_turn_ending_on_eos_drops_it_from_the_trajectory_and_the_context(smollm2_tokenizer,
+                                                                          turn_starts):
+    """Upstream decodes turns with skip_special_tokens, so an end-of-turn token is never
+    trained nor followed by the next observation: here the trailing EOS leaves the trajectory
+    (no EOS id under the loss mask, none after the prompt, positions without a gap) and the KV
+    cache (the next test checks what the rollout does to the cache)."""
+    tok = smollm2_tokenizer
+    after_prompt, _ = turn_starts
+    eos = tok.decode([tok.eos_ids[0]], skip_special_tokens=False)
+    config, params = bigram_policy(tok, [(after_prompt, " and" + eos)])
+    rc = RolloutConfig(samples_per_prompt=2, max_turns=1, max_new_tokens=16)
+    batch, stats = rollout(config, params, tok, [QAExample("q", "Which word?", ("and",), "t")],
+                           ScriptedEngine(), rollout_config=rc)
+    check_batch_invariants(batch, stats, 2)
+    P = batch.prompt_length
+    response = batch.tokens[:, P:][batch.attention_mask[:, P:]]
+    assert not np.isin(response, tok.eos_ids).any()
+    for i in range(2):
+        policy, inserted = spans(batch, i)
+        assert [tok.decode(p) for p in policy] == [" and", " and"]
+        assert [len(p) for p in policy] == [len(tok.encode(" and"))] * 2
+        assert [tok.decode(x) for x in inserted] == [INVALID_ACTION]
+
+
+def test_forgetting_a_turns_last_token_leaves_the_cache_of_the_trajectory_without_it():
+    """The cache after [prompt, turn + EOS], EOS forgotten, then an observation, gives the
+    logits of the cache after [prompt, turn, observation]: same keys, same positions."""
+    from zerosearch_jax.agent.rollout import _forget_last_token
+
+    config = models.tiny_config(vocab_size=64, num_layers=2)
+    params = models.init_params(config, 0)
+    prompt, turn, eos, obs = [5, 6, 7], [8, 9], 2, [10, 11, 12]
+
+    def run(chunks, forget_slot=None):
+        cache = models.init_cache(config, 2, 16, np.float32)
+        for n, chunk in enumerate(chunks):
+            ids = np.array([chunk, chunk], np.int32)
+            logits, cache = models.extend(config, params, ids, np.ones_like(ids, bool), cache)
+            if forget_slot is not None and n == 1:  # row 0 forgets, row 1 keeps (slot -1)
+                cache = _forget_last_token(cache, np.array([forget_slot, -1], np.int32))
+        return np.asarray(logits), cache
+
+    forgot, cache = run([prompt, turn + [eos], obs], forget_slot=len(prompt) + len(turn))
+    clean, _ = run([prompt, turn, obs])
+    kept, _ = run([prompt, turn + [eos], obs])
+    np.testing.assert_allclose(forgot[0], clean[0], atol=1e-5)  # row 0: as if never there
+    np.testing.assert_allclose(forgot[1], kept[1], atol=1e-5)  # row 1: untouched
+    assert not np.allclose(clean[0], kept[0], atol=1e-3)  # the EOS did change the context
+    assert list(np.asarray(cache.next_position)) == [8, 9]
 
 
 # --------------------------------------------------------------------------- the real model

@@ -86,7 +86,12 @@ def test_containment_judge_builds_useful_and_noisy_examples_from_one_call():
                                             for i in range(2, 7)]
     assert "generate five noisy documents" in noisy["prompt"]
     assert "whose answer is Faezhalo" in useful["prompt"]
-    assert "Useful Output:" in useful["prompt"]
+    # Exactly the text the simulator is prompted with at RL time (upstream's, to the newline).
+    from test_simulator import USEFUL_PROMPT
+
+    assert useful["prompt"] == USEFUL_PROMPT.format(
+        question="What is the capital of Vropika?", gold_answer="Faezhalo",
+        query="capital of Vropika")
 
 
 def test_calls_with_too_few_documents_are_dropped_and_balance_needs_both_classes():

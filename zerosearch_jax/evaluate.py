@@ -10,7 +10,9 @@ Methods (REFERENCE section 9), all greedy and batched:
 - `rag`: retrieve top-k once for the question with the engine, answer from the documents;
 - `agent`: the ZeroSearch / Search-R1 multi-turn loop (`agent.rollout`, any checkpoint, any
   engine). The baselines ask for the answer inside `<answer>..</answer>` too, so one extractor
-  (`rewards.score_response`) scores every method.
+  (`rewards.score_response`) scores every method. F1 here is FlashRAG's
+  (`rewards.flashrag_f1_score`: no partial credit between different yes / no answers), so the
+  tables compare with FlashRAG-style evaluations; the training reward is upstream's plain F1.
 
 Outputs in the work directory:
 - `traces.jsonl`: one line per (method, dataset, question): ids, question, gold answers, prompt,
@@ -46,6 +48,7 @@ import ml_collections
 import numpy as np
 
 from zerosearch_jax import agent, rewards, sampling, search
+from zerosearch_jax.cli import setup_logging
 from zerosearch_jax.data import qa
 from zerosearch_jax.train import ConfigError
 
@@ -456,7 +459,8 @@ def run_baseline(rt: Runtime, method: str, dataset: str,
         responses = [prime + r for r in _continue(rt, [p + prime for p in prompts],
                                                   rt.max_new_tokens, close=bool(prime))]
     return [_record(method, dataset, ex, prompt, resp, [resp], call,
-                    rewards.score_response(resp, ex.golden_answers), searches=len(call))
+                    rewards.score_response(resp, ex.golden_answers, flashrag_f1=True),
+                    searches=len(call))
             for ex, prompt, resp, call in zip(examples, prompts, responses, calls, strict=True)]
 
 
@@ -469,7 +473,8 @@ def run_agent(rt: Runtime, dataset: str, examples: Sequence[qa.QAExample]) -> li
     return [_record("agent", dataset, ex, _chat(rt, agent.policy_prompt(ex.question)),
                     stats.responses[i], stats.turns[i], [c.to_json() for c in stats.calls[i]],
                     {"answer": stats.answers[i], "em": float(stats.em[i]),
-                     "cover_em": float(stats.cover_em[i]), "f1": float(stats.f1[i])},
+                     "cover_em": float(stats.cover_em[i]),
+                     "f1": rewards.flashrag_f1_score(stats.answers[i], ex.golden_answers)},
                     searches=int(stats.searches[i]), engine_calls=int(stats.engine_calls[i]),
                     truncated=bool(stats.truncated[i]))
             for i, ex in enumerate(examples)]
@@ -649,10 +654,7 @@ def main(argv=None):
                                        "evaluation it holds); default: config.output_dir")
 
     def run(_):
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        for noisy in ("absl", "jax._src", "bm25s", "httpx"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        setup_logging()
         try:
             report = evaluate(config_flag.value, workdir_flag.value)
         except (ConfigError, qa.DataError) as e:

@@ -15,9 +15,11 @@ the answer of a response that gives none, so a no-answer response scores like th
 answer span scores 0 on every metric.
 
 Further conventions (documented choices):
-- F1 quirk kept from HotpotQA / Search-R1 / FlashRAG: when the normalized prediction or gold is one
-  of "yes", "no", "noanswer" and the two differ, F1 is 0 (no partial credit for "no" vs
-  "yes no").
+- The training reward `f1_score` is upstream's (`qa_em.py`): plain token F1, so "yes it is" vs
+  "yes" scores 0.5. The HotpotQA / FlashRAG evaluation scripts add a rule: when the normalized
+  prediction or gold is one of "yes", "no", "noanswer" and the two differ, F1 is 0. That is
+  `flashrag_f1_score`, which the evaluation harness reports (`score_response(...,
+  flashrag_f1=True)`) so its tables compare with FlashRAG's.
 - A gold answer that normalizes to the empty string (e.g. "The") matches nothing; upstream's
   substring test would give it cover EM 1 for every prediction.
 - Cover EM is a *character* substring test (upstream, author-confirmed), so it does not imply a
@@ -67,8 +69,6 @@ def _best(
 
 
 def _f1(pred: str, gold: str) -> float:
-    if pred != gold and (pred in _SPECIAL_ANSWERS or gold in _SPECIAL_ANSWERS):
-        return 0.0
     pred_tokens, gold_tokens = pred.split(), gold.split()
     num_same = sum((collections.Counter(pred_tokens) & collections.Counter(gold_tokens)).values())
     if num_same == 0:
@@ -78,9 +78,22 @@ def _f1(pred: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def _f1_flashrag(pred: str, gold: str) -> float:
+    if pred != gold and (pred in _SPECIAL_ANSWERS or gold in _SPECIAL_ANSWERS):
+        return 0.0
+    return _f1(pred, gold)
+
+
 def f1_score(prediction: str | None, golden_answers: str | Sequence[str]) -> float:
-    """Token-level F1 (bag of words), max over gold answers; in [0, 1]."""
+    """Token-level F1 (bag of words), max over gold answers; in [0, 1]. The training reward
+    (upstream's rule: no special case for yes / no)."""
     return _best(_f1, prediction, golden_answers)
+
+
+def flashrag_f1_score(prediction: str | None, golden_answers: str | Sequence[str]) -> float:
+    """`f1_score` with the HotpotQA / FlashRAG evaluation rule: 0 when the normalized
+    prediction or gold is "yes", "no" or "noanswer" and the two differ."""
+    return _best(_f1_flashrag, prediction, golden_answers)
 
 
 def exact_match(prediction: str | None, golden_answers: str | Sequence[str]) -> float:
@@ -112,8 +125,10 @@ def extract_answer(response_text: str) -> str | None:
     return response_text[open_ + len(_OPEN) : close].strip()
 
 
-def score_response(response_text: str, golden_answers: str | Sequence[str]) -> dict:
-    """Extract the answer of one response and score it.
+def score_response(response_text: str, golden_answers: str | Sequence[str],
+                   flashrag_f1: bool = False) -> dict:
+    """Extract the answer of one response and score it. flashrag_f1: F1 by the FlashRAG
+    evaluation rule (`flashrag_f1_score`) instead of the training reward's.
 
     Returns:
       {"answer": str | None, "f1": float, "em": float, "cover_em": float}; all metrics are 0.0
@@ -122,7 +137,7 @@ def score_response(response_text: str, golden_answers: str | Sequence[str]) -> d
     answer = extract_answer(response_text)
     return {
         "answer": answer,
-        "f1": f1_score(answer, golden_answers),
+        "f1": (flashrag_f1_score if flashrag_f1 else f1_score)(answer, golden_answers),
         "em": exact_match(answer, golden_answers),
         "cover_em": cover_exact_match(answer, golden_answers),
     }

@@ -129,7 +129,7 @@ def build_settings(c: ml_collections.ConfigDict) -> Settings:
             advantage_estimator=a.estimator, ppo_epochs=a.ppo_epochs,
             num_minibatches=a.num_minibatches, micro_batch_size=a.micro_batch_size, loss=loss,
             advantage=adv, kl_in_reward=a.kl_in_reward, remat=c.remat,
-            compute_dtype=c.compute_dtype)
+            compute_dtype=c.compute_dtype, temperature=r.temperature)
         update.check_batch_size(c.prompts_per_step * r.samples_per_prompt)
     except ValueError as e:
         raise ConfigError(f"config.algorithm: {e}") from None
@@ -393,7 +393,8 @@ class _Preempted:
 
 def _batch_dict(batch: agent.RolloutBatch) -> dict[str, np.ndarray]:
     return {k: np.asarray(getattr(batch, k)) for k in
-            ("tokens", "attention_mask", "positions", "loss_mask", "rewards", "group")}
+            ("tokens", "attention_mask", "positions", "loss_mask", "logprobs", "rewards",
+             "group")}
 
 
 _RESPONSE_BUCKET = 128
@@ -490,10 +491,11 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     total = c.total_steps
     actor_opt = ts.make_optimizer(c.optim.lr, total, c.optim.warmup_ratio,
                                   (c.optim.b1, c.optim.b2), c.optim.weight_decay,
-                                  c.optim.grad_clip)
+                                  c.optim.grad_clip, uc.updates_per_step)
     critic_opt = (ts.make_optimizer(c.optim.critic_lr, total, c.optim.critic_warmup_ratio,
                                     (c.optim.b1, c.optim.b2), c.optim.weight_decay,
-                                    c.optim.grad_clip) if uc.uses_critic else None)
+                                    c.optim.grad_clip, uc.updates_per_step)
+                  if uc.uses_critic else None)
     fns = ts.make_train_fns(model_config, uc, actor_opt, critic_opt, mesh=meshes.train.mesh,
                             rules=meshes.train.rules)
     critic = (ts.init_critic(model_config, params, jax.random.key(c.seed))

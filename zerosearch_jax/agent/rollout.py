@@ -31,6 +31,7 @@ sampling log-probs, and the F1 reward on the last policy token; plus host-side `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -85,7 +86,8 @@ class RolloutBatch:
     attention_mask [B, T] bool    real tokens (prompt, policy turns, observations)
     positions      [B, T] int32   RoPE positions counting real tokens only
     loss_mask      [B, T] float32 1 exactly on tokens the policy sampled
-    logprobs       [B, T] float32 log-prob of each sampled token under the sampling distribution
+    logprobs       [B, T] float32 log-prob of each sampled token under the policy at the sampling
+                   temperature (before top-p truncation; the RL old log-prob)
     rewards        [B, T] float32 the episode reward (F1) on its last policy token, 0 elsewhere
     group          [B]    int32   index of the question (samples of one question share it)
     """
@@ -182,6 +184,18 @@ _decode = jax.jit(sampling.decode, static_argnums=0,
                   donate_argnums=(2,))
 # Sharded caches are created sharded: a whole-batch cache never sits on one device.
 _init_cache = jax.jit(_empty_cache, static_argnums=(0, 1, 2, 3, 4))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _forget_last_token(cache: models.KVCache, slots: Array) -> models.KVCache:
+    """Takes the token at `slots[b]` out of row b's context (slots[b] < 0: row unchanged): its
+    key is masked and the row's next position moves back. A turn that ended on an end-of-turn
+    token drops it this way, as upstream's decoding with skip_special_tokens does."""
+    drop = slots >= 0
+    rows, slots = jnp.arange(slots.shape[0]), jnp.maximum(slots, 0)
+    key_mask = cache.key_mask.at[rows, slots].set(cache.key_mask[rows, slots] & ~drop)
+    return cache.replace(key_mask=key_mask,
+                         next_position=cache.next_position - drop.astype(jnp.int32))
 _WINDOW = 128  # attention windows are rounded up to this many slots (few compiled shapes)
 
 
@@ -348,6 +362,7 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
             break
         t0 = time.perf_counter()
         turn_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, turn)
+        first_slot = int(cache.index)  # this turn's step t writes slot first_slot + t
         out, cache = _decode(config, params, cache, logits, on_device(turn_keys),
                              sampler=sampler, max_new_tokens=N, stop=stop,
                              done=on_device(done), kv_length=_window(used, N, S),
@@ -356,11 +371,21 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
         used += N
         timings["policy_s"] += time.perf_counter() - t0
 
+        # A turn that ended on an end-of-turn id loses it (upstream decodes with
+        # skip_special_tokens: EOS is never kept, trained, or followed by the next observation).
+        active = ~done[:B]
+        ends_on_eos = active & (lens[:B] > 0) & np.isin(
+            toks[np.arange(B), np.maximum(lens[:B] - 1, 0)], tokenizer.eos_ids)
+        if ends_on_eos.any():
+            slots = np.full(Bp, -1, np.int32)
+            slots[:B][ends_on_eos] = first_slot + lens[:B][ends_on_eos] - 1
+            cache = _forget_last_token(cache, on_device(slots))
+
         observations: dict[int, str] = {}
         search_rows: list[int] = []
         queries: list[str] = []
-        for i in np.flatnonzero(~done[:B]):
-            n = int(lens[i])
+        for i in np.flatnonzero(active):
+            n = int(lens[i]) - int(ends_on_eos[i])
             generated += n
             real_len[i] += n
             pieces[i].append(_Piece(toks[i, :n].copy(), True, lps[i, :n].copy()))

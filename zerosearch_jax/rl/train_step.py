@@ -2,8 +2,10 @@
 
 Host and device meet at three pure functions, each jitted once per shape:
 
-- `score_batch`: old log-probs (the current policy, temperature 1), reference log-probs (the
-  frozen initial policy), critic values, then advantages/returns by the configured estimator.
+- `score_batch`: old log-probs (the current policy), reference log-probs (the frozen initial
+  policy), critic values, then advantages/returns by the configured estimator. Every log-prob
+  here and in the update is taken at the rollout's sampling temperature (logits / T, as veRL),
+  so on-policy the importance ratio is 1 whatever the temperature.
 - `update`: `ppo_epochs` x `num_minibatches` optimizer steps; each mini-batch's gradient is
   accumulated over micro-batches with `lax.scan`, every loss a (sum, count) pair divided once
   by the mini-batch's token count, so the result does not depend on the micro-batch size.
@@ -44,6 +46,7 @@ class UpdateConfig:
     loss: algo.LossConfig = algo.LossConfig()
     advantage: algo.AdvantageConfig = algo.AdvantageConfig()
     kl_in_reward: bool = False  # PPO: subtract kl_coef * KL from the token rewards.
+    temperature: float = 1.0  # the rollout's sampling temperature; log-probs use logits / T.
     remat: bool = True  # rematerialize transformer blocks in the backward pass.
     # Matmul input dtype; None = the parameters' own. "bfloat16" with float32 parameters is
     # the usual mixed precision: float32 master weights and optimizer moments (a 1e-6 step
@@ -57,18 +60,25 @@ class UpdateConfig:
         for name in ("ppo_epochs", "num_minibatches", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
     @property
     def uses_critic(self) -> bool:
         return self.advantage_estimator == "gae"
 
     @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates per RL step (the learning-rate schedule counts RL steps)."""
+        return self.ppo_epochs * self.num_minibatches
+
+    @property
     def needs_old_logprobs(self) -> bool:
         """False when the update is exactly on-policy (one epoch, one mini-batch: the old
-        log-probs equal the current ones, so the ratio is 1) and no KL enters the reward; the
-        update then takes them from its own forward pass and scoring saves a forward pass."""
-        return (self.ppo_epochs > 1 or self.num_minibatches > 1 or self.kl_in_reward
-                or self.advantage_estimator == "reinforce_pp")
+        log-probs equal the current ones, so the ratio is 1): the update then takes them from
+        its own forward pass, and a KL in the reward reads the rollout's own log-probs (the
+        policy's at the sampling temperature), so scoring saves a forward pass."""
+        return self.ppo_epochs > 1 or self.num_minibatches > 1
 
     def check_batch_size(self, batch_size: int) -> None:
         per_mini = batch_size // self.num_minibatches
@@ -90,17 +100,33 @@ class TrainState:
     critic_opt_state: Any = None
 
 
+def lr_schedule(learning_rate: float, total_steps: int, warmup_ratio: float = 0.0,
+                updates_per_step: int = 1) -> optax.Schedule:
+    """Linear warm-up from 0 over `int(warmup_ratio * total_steps)` steps, then constant
+    (veRL's `get_constant_schedule_with_warmup`), as a function of the optimizer's update count.
+
+    Steps are RL steps, as veRL steps its scheduler once per RL step: an RL step that makes
+    `updates_per_step` optimizer updates (mini-batches x PPO epochs) keeps one rate for all of
+    them, so the warm-up lasts the configured number of RL steps whatever the batching.
+    """
+    warmup = int(warmup_ratio * total_steps)
+
+    def schedule(count):
+        step = count // updates_per_step
+        if warmup <= 0:
+            return jnp.full_like(step, learning_rate, dtype=jnp.float32)
+        return learning_rate * jnp.minimum(step / warmup, 1.0).astype(jnp.float32)
+
+    return schedule
+
+
 def make_optimizer(learning_rate: float, total_steps: int, warmup_ratio: float = 0.0,
                    betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.01,
-                   grad_clip: float = 1.0) -> optax.GradientTransformation:
-    """AdamW with linear warm-up over `warmup_ratio` of the steps, then a constant rate, after
-    global-norm gradient clipping (veRL's actor/critic optimizer)."""
-    warmup = int(warmup_ratio * total_steps)
-    schedule = (optax.linear_schedule(0.0, learning_rate, warmup) if warmup > 0
-                else optax.constant_schedule(learning_rate))
-    if warmup > 0:
-        schedule = optax.join_schedules([schedule, optax.constant_schedule(learning_rate)],
-                                        [warmup])
+                   grad_clip: float = 1.0, updates_per_step: int = 1
+                   ) -> optax.GradientTransformation:
+    """AdamW on `lr_schedule` (warm-up in steps of `updates_per_step` updates), after global-norm
+    gradient clipping (veRL's actor/critic optimizer)."""
+    schedule = lr_schedule(learning_rate, total_steps, warmup_ratio, updates_per_step)
     return optax.chain(optax.clip_by_global_norm(grad_clip),
                        optax.adamw(schedule, b1=betas[0], b2=betas[1], weight_decay=weight_decay))
 
@@ -193,7 +219,8 @@ def score_batch(config: models.ModelConfig, uc: UpdateConfig, params, ref_params
     """Adds ref_logprobs, old_logprobs (if `uc.needs_old_logprobs`), old_values (with a
     critic), advantages, returns and token_kl to `batch`.
 
-    batch: tokens, attention_mask, positions, loss_mask, rewards [B, T]; group [B].
+    batch: tokens, attention_mask, positions, loss_mask, rewards [B, T]; group [B]; logprobs
+    [B, T] (the rollout's, needed for a KL in the reward when there are no old log-probs).
     """
     B = batch["tokens"].shape[0]
     n_micro = max(B // uc.micro_batch_size, 1)
@@ -202,8 +229,8 @@ def score_batch(config: models.ModelConfig, uc: UpdateConfig, params, ref_params
     dtype = uc.compute_dtype
 
     def logp_fn(p):
-        return _micro_map(lambda *s: policy_logprobs(config, p, *s, dtype=dtype)[0], n_micro,
-                          *seq)
+        return _micro_map(lambda *s: policy_logprobs(config, p, *s, uc.temperature,
+                                                     dtype=dtype)[0], n_micro, *seq)
 
     out = dict(batch)
     mask = batch["loss_mask"]
@@ -211,8 +238,9 @@ def score_batch(config: models.ModelConfig, uc: UpdateConfig, params, ref_params
     token_kl = jnp.zeros_like(mask)
     if uc.needs_old_logprobs:
         out["old_logprobs"] = logp_fn(params)
-        token_kl = algo.get_kl_estimator(uc.loss.kl_estimator)(out["old_logprobs"],
-                                                                out["ref_logprobs"])
+    if uc.kl_in_reward:
+        current = out["old_logprobs"] if uc.needs_old_logprobs else batch["logprobs"]
+        token_kl = algo.get_kl_estimator(uc.loss.kl_estimator)(current, out["ref_logprobs"])
     values = None
     if critic_params is not None:
         values = _micro_map(lambda *s: critic_values(config, critic_params, *s, dtype=dtype),
@@ -282,7 +310,8 @@ def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
 
     def actor_loss(params, mb, count):
         logp, entropy = policy_logprobs(config, params, mb["tokens"], mb["attention_mask"],
-                                        mb["positions"], remat=uc.remat, dtype=uc.compute_dtype)
+                                        mb["positions"], uc.temperature, remat=uc.remat,
+                                        dtype=uc.compute_dtype)
         use_ref = uc.loss.use_kl_loss or uc.kl_in_reward
         old = mb["old_logprobs"] if "old_logprobs" in mb else jax.lax.stop_gradient(logp)
         total, _, metrics = algo.ppo_actor_loss(

@@ -1,10 +1,12 @@
 """Sampling methods: tiny frozen dataclasses, static under `jax.jit`.
 
 Each method maps next-token logits [B, V] (float32) and a PRNG key to (tokens [B] int32,
-logprobs [B] float32), where the log-probability is taken under the distribution actually
-sampled from (after temperature, top-k or top-p renormalization). Greedy decoding is a point
-mass, so its log-probability is 0. `log_probs(logits)` exposes the full sampling distribution
-for tests and for algorithms that need it.
+logprobs [B] float32). The log-probability is the *policy's* at the sampling temperature,
+log softmax(logits / T)[token], before any top-k / top-p truncation: the quantity RL calls the
+old log-prob (veRL recomputes it with the logits divided by the rollout temperature and no
+truncation), so a rollout's log-probs can stand in for a scoring pass. Greedy decoding is a
+point mass, so its log-probability is 0. `log_probs(logits)` exposes the full *sampling*
+distribution (truncated and renormalized) for tests and for algorithms that need it.
 """
 
 from __future__ import annotations
@@ -26,15 +28,18 @@ def argmax(x: Array) -> Array:
     return jnp.min(jnp.where(x == best, idx, x.shape[-1]), axis=-1)
 
 
-def _sample_from(logp: Array, rng: Array) -> tuple[Array, Array]:
-    """Exact sampling by inverting the CDF: one uniform per row instead of a Gumbel per
-    vocabulary entry (4.5x faster than `jax.random.categorical` on CPU at [32, 49152]).
-    u is in (0, 1], so a zero-probability token is never chosen."""
+def _sample_from(logp: Array, rng: Array, policy_logp: Array | None = None
+                 ) -> tuple[Array, Array]:
+    """Exact sampling from `logp` by inverting the CDF: one uniform per row instead of a Gumbel
+    per vocabulary entry (4.5x faster than `jax.random.categorical` on CPU at [32, 49152]).
+    u is in (0, 1], so a zero-probability token is never chosen. Returns the tokens and their
+    log-probs under `policy_logp` (default: `logp`)."""
     cdf = jnp.cumsum(jnp.exp(logp), axis=-1)
     u = 1.0 - jax.random.uniform(rng, (logp.shape[0], 1))
     tokens = jnp.sum(cdf < u * cdf[:, -1:], axis=-1).astype(jnp.int32)
     tokens = jnp.minimum(tokens, logp.shape[-1] - 1)
-    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    report = logp if policy_logp is None else policy_logp
+    return tokens, jnp.take_along_axis(report, tokens[:, None], axis=-1)[:, 0]
 
 
 def _check_temperature(t: float):
@@ -89,7 +94,8 @@ class TopK:
         return jax.nn.log_softmax(jnp.where(logits >= kth, logits, _NEG_INF), axis=-1)
 
     def __call__(self, logits, rng):
-        return _sample_from(self.log_probs(logits), rng)
+        policy = jax.nn.log_softmax(logits / self.temperature, axis=-1)
+        return _sample_from(self.log_probs(logits), rng, policy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +115,9 @@ class TopP:
             raise ValueError(f"top-p needs 0 < p <= 1, got {self.p}")
 
     def log_probs(self, logits: Array) -> Array:
-        logp = jax.nn.log_softmax(logits / self.temperature, axis=-1)
+        return self._truncate(jax.nn.log_softmax(logits / self.temperature, axis=-1))
+
+    def _truncate(self, logp: Array) -> Array:
         if self.p >= 1:
             return logp
         probs = jnp.exp(logp)
@@ -117,7 +125,8 @@ class TopP:
         return jax.nn.log_softmax(jnp.where(kept, logp, _NEG_INF), axis=-1)
 
     def __call__(self, logits, rng):
-        return _sample_from(self.log_probs(logits), rng)
+        policy = jax.nn.log_softmax(logits / self.temperature, axis=-1)
+        return _sample_from(self._truncate(policy), rng, policy)
 
 
 def _nucleus_threshold(probs: Array, p: float) -> Array:

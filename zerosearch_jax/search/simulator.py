@@ -37,8 +37,10 @@ from zerosearch_jax.search.http import (
 
 logger = logging.getLogger(__name__)
 
-# The fine-tuned simulator's prompt. Interface constant: the released Simulation_LLM
-# checkpoints were tuned on exactly this text ("useful" -> "noisy" in the noisy variant).
+# The fine-tuned simulator's prompt, upstream's `search_simulate_sft` text to the newline.
+# Interface constant: the released Simulation_LLM checkpoints were tuned on exactly this text
+# ("useful" -> "noisy" in the noisy variant), and so is every simulator the SFT stage here tunes
+# (`simulator_sft.label` builds its examples with `simulator_prompt`).
 FINETUNED_TEMPLATE = (
     "You are the Google search engine.\n"
     "Given a query, you need to generate five {kind} documents for the query.\n\n"
@@ -46,60 +48,93 @@ FINETUNED_TEMPLATE = (
     "Each document should contain about 30 words, and these documents should contain {kind} "
     "information.\n\n"
     "Query: {query}\n"
-    "{Kind} Output:"
+    "{Kind} Output:\n"
 )
 
-# The prompt-only variant (no SFT) adds a one-shot demonstration of the output format.
-_DEMO = (
-    "Here is an example.\n"
-    "Query: highest mountain in Africa\n"
-    "{Kind} Output:\n{demo}\n\n"
+# The prompt-only simulator (no SFT): upstream's `search_simulate_prompt` text to the newline,
+# the paper's Prompt-3B/7B/14B rows. Its useful and noisy prompts differ in more than one word
+# (a one-shot demonstration each; the noisy one never states the question or its answer, and
+# its first line ends with a space), so both are written out.
+_GWB_USEFUL_DEMO = (
+    "Doc 1: The George Washington Bridge, an iconic structure connecting New York City to New "
+    "Jersey, opened on October 25, 1931. Designed by Othmar Ammann, it marked a major milestone "
+    "in civil engineering.\n"
+    "Doc 2: Originally the Hudson River Bridge, the George Washington Bridge was named after the "
+    "U.S.'s first president. Its 3,500-foot suspension span was the world's longest at "
+    "completion in 1931.\n"
+    "Doc 3: The bridge was modified in 1962 with added lower deck lanes, increasing capacity and "
+    "easing congestion. This expansion transformed the bridge into a double-decked structure "
+    "with twelve lanes.\n"
+    "Doc 4: Constructed over four years, the George Washington Bridge's steel towers and cables "
+    "exemplified engineering progress. It crucially linked New York and New Jersey's "
+    "transportation networks.\n"
+    "Doc 5: Handling over 103 million annual vehicles, the George Washington Bridge is globally "
+    "one of the busiest. The Port Authority of NY and NJ oversees its traffic and infrastructure "
+    "maintenance.\n"
 )
-_DEMO_DOCS = {
-    "useful": (
-        "Doc 1: Mount Kilimanjaro in Tanzania is the highest mountain in Africa, rising 5,895 "
-        "metres above sea level with its summit Uhuru Peak on the Kibo cone.\n"
-        "Doc 2: Kilimanjaro is a dormant volcano and the tallest free-standing mountain in the "
-        "world; climbers usually reach Uhuru Peak in five to eight days.\n"
-        "Doc 3: Africa's highest peaks are Kilimanjaro (5,895 m), Mount Kenya (5,199 m) and "
-        "Mount Stanley (5,109 m) in the Rwenzori range.\n"
-        "Doc 4: The first recorded ascent of Kilimanjaro, Africa's tallest mountain, was made by "
-        "Hans Meyer and Ludwig Purtscheller in 1889.\n"
-        "Doc 5: Kilimanjaro National Park protects the highest mountain in Africa and its "
-        "glaciers, which have shrunk sharply over the past century."
-    ),
-    "noisy": (
-        "Doc 1: Africa has a wide range of landscapes, from deserts in the north to savannas and "
-        "rainforests further south, attracting many visitors each year.\n"
-        "Doc 2: Mountain climbing requires good preparation, warm clothing and acclimatisation "
-        "to altitude to avoid sickness on long ascents.\n"
-        "Doc 3: The Atlas Mountains stretch across Morocco, Algeria and Tunisia and are home to "
-        "Berber villages and cedar forests.\n"
-        "Doc 4: Many travel guides list the best times to visit East Africa, with dry seasons "
-        "from June to October being popular for safaris.\n"
-        "Doc 5: Volcanic activity has shaped several regions of the world, creating fertile "
-        "soils that support agriculture in many countries."
-    ),
-}
+_GWB_NOISY_DEMO = (
+    "Doc 1: The George Washington Bridge was a significant addition to New York's "
+    "infrastructure, but there were many challenges during its construction, including budget "
+    "overruns and worker strikes.\n"
+    "Doc 2: While often mistaken for the opening of another iconic bridge, the Brooklyn Bridge, "
+    "the George Washington Bridge has its own storied history involving political maneuvering "
+    "and urban planning debates that shaped the bridge's final design.\n"
+    "Doc 3: Discussions about the naming of the George Washington Bridge are interesting, as it "
+    "was named to honor the first President of the United States. The name choice was "
+    "significant given the geographical and historical implications of Washington's legacy.\n"
+    "Doc 4: The bridge has been a point of contention over toll increases, traffic congestion "
+    "solutions, and environmental impact assessments, which continue to affect policy decisions "
+    "in the area.\n"
+    "Doc 5: Considerations around the visual and architectural design of the George Washington "
+    "Bridge also played a crucial role in its legacy as a landmark, balancing aesthetics with "
+    "functionality.\n"
+)
+PROMPTED_USEFUL_TEMPLATE = (
+    "You are the Google search engine.\n"
+    "Given a query, you need to imitate the style of the following demos and generate five "
+    "useful documents for the query.\n\n"
+    "Here is an example:\n"
+    "Query: George Washington Bridge opening year\n"
+    "Useful Output:\n" + _GWB_USEFUL_DEMO + "\n"
+    'The user is trying to answer the question: "{question}" whose answer is {answer}.\n'
+    "You should generate documents that can help the user find the answer.\n"
+    "Each document should contain about 30 words.\n"
+    "You must directly output the English documents and not output any other texts.\n\n"
+    "Query: {query}\n"
+    "Useful Output:\n"
+)
+PROMPTED_NOISY_TEMPLATE = (
+    "You are the Google search engine. \n"
+    "Given a query, you need to imitate the style of the following demos and generate five "
+    "related but noisy documents for the query.\n\n"
+    "Here is an example:\n"
+    "Query: George Washington Bridge opening year\n"
+    "Noisy Output:\n" + _GWB_NOISY_DEMO + "\n"
+    "Each document should contain about 30 words, and these documents should contain related "
+    "but noisy information.\n"
+    "You must directly output the English documents and not output any other texts.\n\n"
+    "Query: {query}\n"
+    "Noisy Output:\n"
+)
 
 SIMULATOR_VARIANTS = ("finetuned", "prompted")
 
 
 def simulator_prompt(query: str, context: QueryContext, useful: bool,
                      variant: str = "finetuned") -> str:
-    """The user message asking for five useful or noisy documents for `query`."""
+    """The user message asking for five useful or noisy documents for `query` (upstream's text:
+    `finetuned` for tuned simulators, `prompted` for prompt-only ones)."""
     if variant not in SIMULATOR_VARIANTS:
         raise ValueError(f"simulator variant must be one of {SIMULATOR_VARIANTS}, got {variant!r}")
     kind = "useful" if useful else "noisy"
     answer = context.golden_answers[0] if context.golden_answers else ""
-    template = FINETUNED_TEMPLATE
     if variant == "prompted":
-        # The demo goes in before the query line of the *template*: cutting the formatted text
-        # at its last "\nQuery: " would cut inside a query that itself contains that string.
-        head, _, tail = template.partition("\nQuery: {query}")
-        template = f"{head}\n{_DEMO}Query: {{query}}{tail}"
+        template = PROMPTED_USEFUL_TEMPLATE if useful else PROMPTED_NOISY_TEMPLATE
+    else:
+        template = FINETUNED_TEMPLATE
+    # One pass of str.format: braces inside the question or query stay as they are.
     return template.format(kind=kind, Kind=kind.capitalize(), query=query,
-                           question=context.question, answer=answer, demo=_DEMO_DOCS[kind])
+                           question=context.question, answer=answer)
 
 
 def clean_simulator_output(text: str, topk: int = 5) -> tuple[str, ...]:
