@@ -1,12 +1,20 @@
-"""Full multi-turn rollout throughput: SmolLM2-135M policy + SmolLM2-135M simulator.
+"""The rollout the default job runs, timed: a policy that searches, the simulator answering.
 
-    python benchmarks/rollout.py [--questions 8] [--samples 2] [--max-turns 2] [--repeats 2]
+    python benchmarks/rollout.py --policy runs/default/warmup/hf \\
+        --simulator runs/default/simulator_sft/hf [--repeats 3] [--sim-batch 16]
 
-Runs the host-loop rollout (jitted prefill / turn decode / observation insert, engine calls on
-the host) on synthetic-world questions and prints episodes/s, generated tokens/s (policy and
-simulator), and the time split by phase; the first run's extra time is the compilation. The
-simulator is also timed alone on a batch of queries. (The in-graph episode loop does not exist
-yet, so there is no in-graph/host ratio to print.)
+Defaults are the default job's shapes (configs/default.py): 4 questions x 4 samples = 16
+episodes, max_turns 2, 48 tokens per policy turn, 128-token observations, 128 simulator
+tokens, top-p 0.95, noise probability 0.25. Point `--policy` / `--simulator` at a default run's
+warmed-up policy and tuned simulator: the embedded model (the fallback) almost never searches,
+so without them the figure is policy decoding alone.
+
+Prints, for the host-loop rollout (the only engine so far): the first call's time (compilation
+included) and every later one, episodes/s, policy and simulator tokens/s, the split by phase,
+and the same run's decode-only rate at the rollout's batch (`sampling.generate`, greedy, no
+early stop, as `benchmarks/decode.py`): the rollout's tokens/s as a fraction of it.
+`--sim-batch 0` lets the simulator's batch follow each turn's number of searches (a compiled
+program per size, as before the fixed simulator batch), for a side-by-side comparison.
 """
 
 from __future__ import annotations
@@ -25,23 +33,44 @@ from zerosearch_jax.data import synthetic  # noqa: E402
 from zerosearch_jax.tokenizer import Tokenizer  # noqa: E402
 
 
+def decode_rate(config, params, batch: int, new_tokens: int) -> float:
+    """Tokens/s of plain decoding at `batch` rows (40-token prompts, warm program)."""
+    prompts = [[1] + [100 + i] * 39 for i in range(batch)]
+    stop = sampling.StopConditions(pad_id=2)  # no EOS: every row generates new_tokens
+    sampling.generate(config, params, prompts, max_new_tokens=new_tokens, stop=stop)
+    t = time.perf_counter()
+    sampling.generate(config, params, prompts, max_new_tokens=new_tokens, stop=stop)
+    return batch * new_tokens / (time.perf_counter() - t)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--questions", type=int, default=8)
-    ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--policy", default=models.DEFAULT_MODEL)
+    ap.add_argument("--simulator", default=models.DEFAULT_MODEL)
+    ap.add_argument("--questions", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-turns", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--sim-new-tokens", type=int, default=160)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--max-obs-tokens", type=int, default=128)
+    ap.add_argument("--sim-new-tokens", type=int, default=128)
+    ap.add_argument("--sim-batch", type=int, default=-1,
+                    help="simulator batch padding: -1 = the rollout's rows (the trainer's), "
+                         "0 = none (a program per batch size)")
+    ap.add_argument("--noise", type=float, default=0.25)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    tok = Tokenizer.from_pretrained(models.DEFAULT_MODEL)
-    config, params = models.load_pretrained(models.DEFAULT_MODEL, dtype=jnp.bfloat16)
-    sim = search.LLMSimulator(config, params, tok, max_new_tokens=args.sim_new_tokens,
-                              noise_probability=0.25)
+    B = args.questions * args.samples
+    tok = Tokenizer.from_pretrained(args.policy)
+    config, params = models.load_pretrained(args.policy, dtype=jnp.bfloat16)
+    sim_config, sim_params = models.load_pretrained(args.simulator, dtype=jnp.bfloat16)
+    sim = search.LLMSimulator(sim_config, sim_params, Tokenizer.from_pretrained(args.simulator),
+                              max_new_tokens=args.sim_new_tokens, noise_probability=args.noise,
+                              batch_size=B if args.sim_batch < 0 else args.sim_batch)
     questions = synthetic.build_world().questions("train")[: args.questions]
     rc = agent.RolloutConfig(samples_per_prompt=args.samples, max_turns=args.max_turns,
-                             max_new_tokens=args.max_new_tokens, max_obs_tokens=256)
+                             max_new_tokens=args.max_new_tokens,
+                             max_obs_tokens=args.max_obs_tokens)
     runs = []
     for r in range(args.repeats + 1):
         sim_before = sim.generated_tokens
@@ -49,36 +78,30 @@ def main():
         _, stats = agent.rollout(config, params, tok, questions, sim, rollout_config=rc,
                                  sampler=sampling.TopP(0.95), rng=r)
         runs.append((time.perf_counter() - t, stats, sim.generated_tokens - sim_before))
-    first = runs[0][0]
     steady = runs[1:]
     total = statistics.median(t for t, _, _ in steady)
-    B = args.questions * args.samples
     policy_tokens = statistics.median(s.generated_tokens for _, s, _ in steady)
     sim_tokens = statistics.median(n for _, _, n in steady)
     phases = {k: statistics.median(s.timings[k] for _, s, _ in steady)
               for k in ("policy_s", "search_s", "insert_s")}
     searches = statistics.median(float(s.engine_calls.mean()) for _, s, _ in steady)
-    print(f"rollout: {B} episodes ({args.questions} questions x {args.samples}), "
-          f"max_turns={args.max_turns}, {args.max_new_tokens} tokens/turn")
-    print(f"  episodes/s           {B / total:8.2f}   ({total:.1f} s per rollout; first run "
-          f"+{first - total:.1f} s compile)")
-    print(f"  policy tokens/s      {policy_tokens / total:8.1f}   ({policy_tokens:.0f} tokens)")
+    rate = decode_rate(config, params, B, 128)
+    print(f"rollout: {B} episodes ({args.questions} questions x {args.samples}), max_turns="
+          f"{args.max_turns}, {args.max_new_tokens} tokens/turn, policy {args.policy}, "
+          f"simulator {args.simulator} (batch padding {sim.batch_size})")
+    print("  seconds per rollout  " + " ".join(f"{t:.1f}" for t, _, _ in runs)
+          + "   (the first compiles)")
+    print(f"  episodes/s           {B / total:8.3f}   ({total:.1f} s per rollout, median of "
+          f"{len(steady)})")
+    print(f"  policy tokens/s      {policy_tokens / total:8.1f}   ({policy_tokens:.0f} tokens, "
+          f"{searches:.2f} engine calls per episode)")
     print(f"  simulator tokens/s   {sim_tokens / max(phases['search_s'], 1e-9):8.1f}   "
-          f"({sim_tokens:.0f} tokens, {searches:.2f} engine calls per episode)")
-    print(f"  all tokens/s         {(policy_tokens + sim_tokens) / total:8.1f}")
+          f"({sim_tokens:.0f} tokens)")
+    all_rate = (policy_tokens + sim_tokens) / total
+    print(f"  all tokens/s         {all_rate:8.1f}   = {all_rate / rate:.0%} of plain decoding "
+          f"at batch {B} ({rate:.1f} tok/s, same run)")
     for k, v in phases.items():
         print(f"  {k:<20} {v:8.2f} s  ({100 * v / total:.0f}%)")
-
-    queries = [f"founder of company {i}" for i in range(B)]
-    ctxs = [search.QueryContext(q.question, q.golden_answers) for q in
-            (questions * args.samples)[:B]]
-    sim.search(queries, contexts=ctxs)  # compile
-    before = sim.generated_tokens
-    t = time.perf_counter()
-    sim.search(queries, contexts=ctxs)
-    dt = time.perf_counter() - t
-    print(f"simulator alone: {B} queries in {dt:.2f} s, "
-          f"{(sim.generated_tokens - before) / dt:.1f} tokens/s")
 
 
 if __name__ == "__main__":

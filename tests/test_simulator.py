@@ -809,3 +809,22 @@ def test_rollout_with_smollm2_policy_and_smollm2_simulator(smollm2, smollm2_toke
         assert not any("Doc 6" in doc for doc in res.documents)
         assert ctx.question in res.metadata["prompt"]
         assert other.question not in res.metadata["prompt"]
+
+
+def test_a_simulator_with_a_batch_size_compiles_one_program_for_every_call(smollm2_tokenizer,
+                                                                            tiny_lm):
+    """A rollout's turns search with varying numbers of rows; padded to the rollout's size, the
+    simulator's calls share one compiled generation (one per size otherwise: 2, 4, 8 rows)."""
+    from zerosearch_jax.sampling import loop
+
+    def compiles(batch_size):
+        sim = tiny_simulator(smollm2_tokenizer, tiny_lm, batch_size=batch_size, max_new_tokens=5)
+        before = loop.prefill_and_decode._cache_size()
+        for n in (1, 3, 5, 2):
+            results = sim.search([f"query {i}" for i in range(n)],
+                                 contexts=[CTX_A] * n)
+            assert len(results) == n
+        return loop.prefill_and_decode._cache_size() - before
+
+    assert compiles(8) == 1
+    assert compiles(0) == 2  # 2 and 8 rows were compiled just now; 4 is new

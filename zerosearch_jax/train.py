@@ -326,10 +326,13 @@ def make_training_engine(c: ml_collections.ConfigDict, policy: tuple, tokenizer:
         else:
             config, params = models.load_pretrained(model, dtype=jnp.dtype(c.compute_dtype))
             tokenizer = Tokenizer.from_pretrained(model)
+        # One compiled generation program for every call: a turn searches with at most every
+        # row of the rollout.
+        rows = c.prompts_per_step * c.rollout.samples_per_prompt // jax.process_count()
         return search.LLMSimulator(
             config, params, tokenizer, variant=s.variant, topk=s.topk,
             temperature=s.temperature, max_new_tokens=s.max_new_tokens,
-            prime_reply=s.prime_reply, seed=c.seed)
+            prime_reply=s.prime_reply, seed=c.seed, batch_size=rows)
     if s.kind == "server":
         return search.SimulatorServerClient(s.url, model=s.model, variant=s.variant, topk=s.topk,
                                             temperature=s.temperature,

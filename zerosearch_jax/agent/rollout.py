@@ -420,7 +420,9 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
         t0 = time.perf_counter()
         obs_ids = {i: observation_ids(tokenizer, text, rc.max_obs_tokens)
                    for i, text in observations.items()}
-        width = sampling.bucket_length(max((len(v) for v in obs_ids.values()), default=1))
+        # Always obs_cap wide: one compiled insert per turn (a width per observation-length
+        # bucket would compile up to three; the extra padding costs far less than a compile).
+        width = obs_cap
         chunk = np.full((Bp, width), tokenizer.pad_id, np.int32)
         chunk_mask = np.zeros((Bp, width), bool)
         for i, o in obs_ids.items():

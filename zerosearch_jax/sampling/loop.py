@@ -198,11 +198,13 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], samp
              max_new_tokens: int = 128, stop: StopConditions = StopConditions(),
              rng: Array | int = 0, cache_dtype=None,
              prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
-             placement=None) -> dict[str, np.ndarray]:
+             placement=None, min_batch: int = 0) -> dict[str, np.ndarray]:
     """Generates from token-id prompts (lists of ids, any lengths).
 
     placement: a `sharding.Placement` to run on (the params already placed on its mesh): the
     batch and the KV cache are split along its batch axes.
+    min_batch: pad the batch to at least this many rows, so a caller whose batches vary in size
+    (the simulator, called with each turn's searches) runs one compiled program.
 
     Returns numpy arrays: tokens [B, N] int32, logprobs [B, N] float32, lengths [B] int32,
     stopped [B] bool, for the B prompts given (bucket padding removed).
@@ -216,7 +218,7 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], samp
     if isinstance(rng, int):
         rng = jax.random.key(rng)
     B = len(prompts)
-    Bp = bucket_batch(B, 1 if placement is None else placement.batch_shards)
+    Bp = bucket_batch(max(B, min_batch), 1 if placement is None else placement.batch_shards)
     P = bucket_length(max(len(p) for p in prompts), prompt_buckets)
     ids = np.full((Bp, P), stop.pad_id, np.int32)
     mask = np.zeros((Bp, P), bool)

@@ -200,12 +200,15 @@ class LLMSimulator(_SimulatorMixin, SearchEngine):
     Generation samples at `temperature` (0.8 upstream) for at most `max_new_tokens` (600) and
     stops early once `Doc {topk+1}` appears, since everything after it is cut anyway.
     `prime_reply` starts the assistant turn with `Doc 1:` (helps small prompted models keep the
-    format; the text is part of the output).
+    format; the text is part of the output). `batch_size`: generation pads every call to at
+    least this many rows (a rollout's row count), so the calls of a run, whose number of
+    queries varies turn by turn, share one compiled program instead of compiling one per size.
     """
 
     def __init__(self, config, params, tokenizer, *, variant: str = "finetuned", topk: int = 5,
                  temperature: float = 0.8, max_new_tokens: int = 600,
-                 noise_probability: float = 0.0, prime_reply: bool = False, seed: int = 0):
+                 noise_probability: float = 0.0, prime_reply: bool = False, seed: int = 0,
+                 batch_size: int = 0):
         SearchEngine.__init__(self)
         self._init_simulator(variant=variant, topk=topk, noise_probability=noise_probability,
                              seed=seed)
@@ -216,6 +219,7 @@ class LLMSimulator(_SimulatorMixin, SearchEngine):
         self.config, self.params, self.tokenizer = config, params, tokenizer
         self.max_new_tokens = max_new_tokens
         self.prime_reply = prime_reply
+        self.batch_size = batch_size
         self._sampler = sampling.Temperature(temperature)
         self._stop = sampling.StopConditions.for_tokenizer(tokenizer, [f"Doc {topk + 1}"])
         self._key = jax.random.key(seed)
@@ -249,7 +253,8 @@ class LLMSimulator(_SimulatorMixin, SearchEngine):
         out = sampling.generate(
             self.config, self.params, [self.tokenizer.encode(t) for t in texts], self._sampler,
             max_new_tokens=self.max_new_tokens, stop=self._stop,
-            rng=jax.random.fold_in(self._key, self._calls), placement=self.placement)
+            rng=jax.random.fold_in(self._key, self._calls), placement=self.placement,
+            min_batch=self.batch_size)
         latency = (time.perf_counter() - start) / len(queries)
         self.generated_tokens += int(out["lengths"].sum())
         return [self._result(prefix + self.tokenizer.decode(row[:n]), u, p, latency)
