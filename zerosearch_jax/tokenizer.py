@@ -193,9 +193,8 @@ def _byte_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (the spelling of byte-level vocabs)."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
             *range(ord("®"), ord("ÿ") + 1)]
-    extra = (b for b in range(256) if b not in keep)
-    return {b: chr(b) if b in keep else chr(256 + n) for n, b in enumerate(extra)} | {
-        b: chr(b) for b in keep}
+    extra = [b for b in range(256) if b not in keep]
+    return {b: chr(b) for b in keep} | {b: chr(256 + n) for n, b in enumerate(extra)}
 
 
 def gguf_tokenizer(path: str):

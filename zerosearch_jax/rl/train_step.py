@@ -247,9 +247,9 @@ def score_batch(config: models.ModelConfig, uc: UpdateConfig, params, ref_params
                             n_micro, *seq)
         out["old_values"] = values
     estimator = algo.get_advantage_estimator(uc.advantage_estimator)
-    adv_cfg = uc.advantage if uc.kl_in_reward else dataclasses.replace(uc.advantage, kl_coef=0.0)
+    # token_kl is zero unless kl_in_reward, so the reward carries no KL otherwise.
     adv, ret = estimator(batch["rewards"], mask, group_ids=batch["group"], values=values,
-                         token_kl=token_kl * mask, config=adv_cfg)
+                         token_kl=token_kl * mask, config=uc.advantage)
     out["advantages"], out["returns"] = adv, ret
     out["token_kl"] = token_kl * mask
     return out
