@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.max_turns = 2  # searches before the final answer turn.
     c.rollout.max_new_tokens = 48  # per policy turn (upstream: 500).
     c.rollout.max_obs_tokens = 128  # per inserted observation (upstream: 500).
-    c.rollout.max_prompt_tokens = 2048
+    c.rollout.max_prompt_tokens = 512  # the world's questions need ~170 (chat template included).
     c.rollout.max_context_tokens = 4096
     c.rollout.temperature = 1.0
     c.rollout.top_p = 0.95
@@ -98,7 +98,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.algorithm.estimator = "grpo"  # reinforce | grpo | gae (PPO) | reinforce_pp
     c.algorithm.ppo_epochs = 1
     c.algorithm.num_minibatches = 1
-    c.algorithm.micro_batch_size = 4
+    c.algorithm.micro_batch_size = 2  # rows per forward/backward (packed rows when packing).
+    # Scoring and update rows of pack_length tokens, each holding several episodes (attention
+    # within each, a GRPO group's prompt once per row): they pay for real tokens, not for
+    # padding to the longest episode. 0: one episode a row. At least the longest possible
+    # episode (rollout.max_prompt_tokens + the response's turns and observations, 912 here).
+    c.algorithm.pack_length = 1024
     c.algorithm.clip_low = 0.2
     c.algorithm.clip_high = 0.2
     c.algorithm.entropy_coef = 0.001

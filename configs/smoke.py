@@ -22,7 +22,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.total_steps = 1
     c.prompts_per_step = 2
     c.rollout.samples_per_prompt = 2
-    c.algorithm.micro_batch_size = 4
     c.data.validation_size = 2
     c.validation.every = 1
     c.checkpoint.every = 1

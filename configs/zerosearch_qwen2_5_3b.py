@@ -51,6 +51,9 @@ def get_config(policy="Qwen/Qwen2.5-3B", noise_start=0.0, noise_end=0.25,
     c.curriculum.base = 4.0
     c.algorithm.estimator = estimator
     c.algorithm.micro_batch_size = 8
+    # Unpacked rows: packing 4.5k-token episodes wants a segment-aware flash kernel on TPU (a
+    # dense [L, L] mask per row is what the CPU default uses).
+    c.algorithm.pack_length = 0
     c.algorithm.entropy_coef = 0.001
     c.algorithm.kl_coef = 0.001
     # REINFORCE / GRPO: a KL loss term with the low-variance estimator (veRL `use_kl_loss`,

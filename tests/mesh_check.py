@@ -38,8 +38,9 @@ def train_step(config, params, batch, mesh):
     copt = optax.sgd(0.5)
     fns = ts.make_train_fns(config, uc, opt, copt, mesh=mesh, rules=sharding.DEFAULT_RULES)
     state = fns.init_state(params, ts.init_critic(config, params, jax.random.key(0)))
-    scored = fns.score(state.params, params, state.critic_params, batch)
-    state, metrics = fns.update(state, scored, jax.random.key(1))
+    layout = fns.plan(batch["attention_mask"], seed=1)
+    scored = fns.score(state.params, params, state.critic_params, batch, layout)
+    state, metrics = fns.update(state, scored, layout)
     return state, {k: float(v) for k, v in metrics.items()}
 
 
@@ -172,8 +173,9 @@ def check_simulator_submesh(config, params, tokenizer, world):
                             mesh=meshes.train.mesh, rules=meshes.train.rules)
     state = fns.init_state(models.init_params(policy, 0))
     rows, _ = toy_batch(policy, state.params, jax.random.key(2), prompts_per_step=3, samples=2)
-    scored = fns.score(state.params, state.params, None, meshes.train.put_batch(rows, 6))
-    state, metrics = fns.update(state, scored, jax.random.key(0))
+    layout = fns.plan(rows["attention_mask"])
+    scored = fns.score(state.params, state.params, None, meshes.train.put_batch(rows, 6), layout)
+    state, metrics = fns.update(state, scored, layout)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["nonfinite"]) == 0
     assert all(x.sharding.device_set <= train_devices for x in jax.tree.leaves(state.params))
     print(f"simulator on {len(sim_devices)} devices ({len(results)} results), update on "

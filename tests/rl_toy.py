@@ -59,7 +59,8 @@ def train_toy(estimator: str, steps: int, lr: float = 3e-3, seed: int = 0, **uc_
     for step in range(steps):
         batch, reward = toy_batch(config, state.params, jax.random.key(1000 + step))
         curve.append(reward)
-        scored = fns.score(state.params, ref, state.critic_params, batch)
-        state, metrics = fns.update(state, scored, jax.random.key(step))
+        layout = fns.plan(batch["attention_mask"], seed=step)
+        scored = fns.score(state.params, ref, state.critic_params, batch, layout)
+        state, metrics = fns.update(state, scored, layout)
         assert float(metrics["nonfinite"]) == 0
     return curve, state, metrics

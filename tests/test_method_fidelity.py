@@ -12,6 +12,7 @@ import pytest
 from configs import default, zerosearch_qwen2_5_3b
 from tests.rl_toy import toy_batch, toy_config
 from zerosearch_jax import models, sampling, train
+from zerosearch_jax.rl import packing
 from zerosearch_jax.rl import train_step as ts
 
 
@@ -46,11 +47,12 @@ def test_reinforce_pp_and_ppo_token_rewards_carry_the_k1_penalty(estimator):
     batch["logprobs"] = np.asarray(ref) + delta
     critic = ts.init_critic(config, params, jax.random.key(0)) if uc.uses_critic else None
     uc = dataclasses.replace(uc, compute_dtype=None)
-    out = ts.score_batch(config, uc, params, params, critic, batch)
+    out = ts.score_batch(config, uc, params, params, critic, batch,
+                        packing.plan(batch["attention_mask"], 1))
     r = [0, 0, -0.001 * 0.5, 0.001 * 0.2, 0, -0.001 * 0.1, 0.8 - 0.001 * 0.3]
     expected = [sum(r[t:]) * m for t, m in enumerate(mask[0])]  # obs reward is 0 (masked)
-    np.testing.assert_allclose(np.asarray(out["returns"])[0], expected, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(out["token_kl"])[0], delta[0] * mask[0], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.returns)[0], expected, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.token_kl)[0], delta[0] * mask[0], atol=1e-5)
 
 
 def test_reinforce_and_grpo_keep_the_low_variance_kl_loss():
@@ -104,9 +106,10 @@ def test_on_policy_ratio_is_one_at_the_sampling_temperature(sampler):
     params = models.init_params(config, 3)
     batch, _ = toy_batch(config, params, jax.random.key(0), sampler=sampler)
     uc = ts.UpdateConfig(temperature=0.7, ppo_epochs=2, micro_batch_size=4, remat=False)
-    out = ts.score_batch(config, uc, params, params, None, batch)
+    out = ts.score_batch(config, uc, params, params, None, batch,
+                        packing.plan(batch["attention_mask"], 4))
     mask = batch["loss_mask"] > 0
-    ratio = np.exp(np.asarray(out["old_logprobs"]) - batch["logprobs"])[mask]
+    ratio = np.exp(np.asarray(out.old_logprobs) - batch["logprobs"])[mask]
     np.testing.assert_allclose(ratio, 1.0, atol=2e-4)
     c = default.get_config()
     c.rollout.temperature = 0.7

@@ -36,8 +36,9 @@ def _one_update(micro_batch_size, batch, params, estimator="grpo"):
     fns = ts.make_train_fns(config, uc, opt, critic_opt)
     critic = ts.init_critic(config, params, jax.random.key(0)) if uc.uses_critic else None
     state = fns.init_state(jax.tree.map(jnp.copy, params), critic)
-    scored = fns.score(state.params, params, state.critic_params, batch)
-    return fns.update(state, scored, jax.random.key(0))
+    layout = fns.plan(batch["attention_mask"])
+    scored = fns.score(state.params, params, state.critic_params, batch, layout)
+    return fns.update(state, scored, layout)
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "gae"])

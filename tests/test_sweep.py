@@ -114,7 +114,7 @@ def test_example_sweep_file_validates_against_the_default_config():
     ({"rollout.max_turns": -1}, [], "max_turns must be >= 0, got -1"),
     ({"optim.lr": 1e-6}, ["--config.rollout.max_turnz=2"],
      "extra override --config.rollout.max_turnz=2: unknown config key 'rollout.max_turnz'"),
-    ({"optim.lr": 1e-6}, ["--config.algorithm.micro_batch_size=3"], "micro_batch_size=3"),
+    ({"optim.lr": 1e-6}, ["--config.algorithm.pack_length=512"], "algorithm.pack_length"),
 ])
 def test_validation_names_the_point_and_the_key(overrides, extra, message):
     points = sweep.make_points([{"optim.lr": 5e-6}, overrides])

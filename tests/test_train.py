@@ -39,7 +39,7 @@ def test_unknown_config_key_fails_before_work(tmp_path):
     ("--config.algorithm.estimator=ppo", "unknown advantage_estimator 'ppo'"),
     ("--config.rollout.max_turns=-1", "max_turns must be >= 0, got -1"),
     ("--config.curriculum.end=1.5", "config.curriculum"),
-    ("--config.algorithm.micro_batch_size=3", "micro_batch_size=3"),
+    ("--config.algorithm.pack_length=512", "algorithm.pack_length"),
 ])
 def test_bad_config_value_is_named(tmp_path, flag, message):
     proc = _run(["--config=configs/default.py", f"--workdir={tmp_path}", flag], timeout=120)

@@ -35,6 +35,7 @@ from zerosearch_jax.cli import setup_logging
 from zerosearch_jax.data import qa, synthetic
 from zerosearch_jax.data.iterator import DataIterator
 from zerosearch_jax.rl import algorithms as algo
+from zerosearch_jax.rl import packing
 from zerosearch_jax.rl import train_step as ts
 from zerosearch_jax.tokenizer import Tokenizer
 
@@ -127,12 +128,17 @@ def build_settings(c: ml_collections.ConfigDict) -> Settings:
         adv = algo.AdvantageConfig(gamma=a.gamma, lam=a.lam, kl_coef=a.kl_coef)
         update = ts.UpdateConfig(
             advantage_estimator=a.estimator, ppo_epochs=a.ppo_epochs,
-            num_minibatches=a.num_minibatches, micro_batch_size=a.micro_batch_size, loss=loss,
+            num_minibatches=a.num_minibatches, micro_batch_size=a.micro_batch_size,
+            pack_length=a.pack_length, loss=loss,
             advantage=adv, kl_in_reward=a.kl_in_reward, remat=c.remat,
             compute_dtype=c.compute_dtype, temperature=r.temperature)
         update.check_batch_size(c.prompts_per_step * r.samples_per_prompt)
     except ValueError as e:
         raise ConfigError(f"config.algorithm: {e}") from None
+    longest = rollout.max_prompt_tokens + rollout.max_response_tokens
+    _check(a.pack_length == 0 or a.pack_length >= longest, "algorithm.pack_length",
+           a.pack_length, f"0 (no packing) or >= the longest possible episode, {longest} tokens "
+           "(rollout.max_prompt_tokens + the response's turns and observations)")
     w = c.warmup
     _check(w.steps >= 0, "warmup.steps", w.steps, ">= 0 (0: no format warm-up)")
     if w.steps:
@@ -553,8 +559,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # packed with room for the longest possible episode, then cut to the step's longest
     # response rounded up to _RESPONSE_BUCKET (the same on every process); the prompt length
     # only grows (to the next bucket) if a longer prompt shows up.
-    response_length = -(-((rc.max_turns + 1) * rc.max_new_tokens
-                          + rc.max_turns * rc.max_obs_tokens) // 64) * 64
+    response_length = -(-rc.max_response_tokens // 64) * 64
     prompt_length = 0
     nonfinite_streak = 0
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not is_main,
@@ -580,9 +585,17 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         t_rollout = time.perf_counter() - t0
         batch = _trim_response(batch, response_length)
         t1 = time.perf_counter()
+        # The packing plan is global: built from every process's rows, the same on each.
+        mask, tokens, group = (sharding.allgather(x).reshape(-1, *x.shape[1:]) for x in (
+            batch.attention_mask, batch.tokens, batch.group))
+        try:
+            plan = uc.plan(mask, c.seed * 1_000_003 + step, tokens, group, batch.prompt_length)
+        except ValueError as e:
+            raise ConfigError(f"config.algorithm.pack_length: {e}") from None
+        layout = fns.place_layout(plan)
         scored = fns.score(state.params, ref_params, state.critic_params,
-                           meshes.train.put_batch(_batch_dict(batch), batch_size))
-        state, update_metrics = fns.update(state, scored, jax.random.fold_in(key, 1))
+                           meshes.train.put_batch(_batch_dict(batch), batch_size), layout)
+        state, update_metrics = fns.update(state, scored, layout)
         update_metrics = {k: float(v) for k, v in jax.device_get(update_metrics).items()}
         t_update = time.perf_counter() - t1
 
@@ -601,7 +614,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                  "episode/response_tokens":
                      float(batch.attention_mask[:, batch.prompt_length:].sum(1).mean()),
                  "tokens/generated": float(stats.generated_tokens),
-                 "tokens/step": float(batch.attention_mask.sum())}
+                 "tokens/step": float(batch.attention_mask.sum()),
+                 "update/padding": packing.padding_fraction(plan)}
         rollout_metrics = _across_processes(local)
         generated = rollout_metrics.pop("tokens/generated") * jax.process_count()
         step_tokens = rollout_metrics.pop("tokens/step") * jax.process_count()

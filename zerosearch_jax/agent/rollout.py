@@ -77,6 +77,11 @@ class RolloutConfig:
         if self.max_turns < 0:
             raise ValueError(f"max_turns must be >= 0, got {self.max_turns}")
 
+    @property
+    def max_response_tokens(self) -> int:
+        """The longest possible response: every turn at its cap, every observation at its."""
+        return (self.max_turns + 1) * self.max_new_tokens + self.max_turns * self.max_obs_tokens
+
 
 @flax.struct.dataclass
 class RolloutBatch:

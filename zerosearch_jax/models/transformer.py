@@ -57,6 +57,8 @@ Array = jax.Array
 # Finite "minus infinity": a fully masked row (a pad query) softmaxes to a uniform, finite row.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _INIT_STD = 0.02  # HF `initializer_range` default for these families.
+# Query rows per attention block in cache-less (whole-sequence) passes; see Attention.
+_QUERY_CHUNK = 128
 
 
 def _param(module: nn.Module, name: str, axes: tuple[str | None, ...], shape, dtype, init=None):
@@ -180,7 +182,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, sin, cos, attn_mask, kv=None, write_index=None):
-        """x [B, T, E] f32; sin/cos [B, T, D/2]; attn_mask [B, T, S] bool.
+        """x [B, T, E] f32; sin/cos [B, T, D/2]; attn_mask [B, T, S] bool (causal without a
+        cache: no query sees a later key).
 
         kv: optional (k, v) cache [B, K, S, D]; the chunk's keys/values are written at slots
         [write_index, write_index + T) and attention runs over the first W slots, W =
@@ -221,10 +224,23 @@ class Attention(nn.Module):
         # [B, K, G, T, W] score once. The 1/sqrt(D) scale is folded into q ([.., D] < [.., W]).
         cd = jnp.dtype(self.dtype or w_qkv.dtype)
         q = (q * D**-0.5).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
-        scores = _einsum("bkgtd,bksd->bkgts", q, k, cd)
-        scores = jnp.where(attn_mask[:, None, None], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = _einsum("bkgts,bksd->bkgtd", probs, v, cd)
+
+        def attend(q, k, v, mask):
+            scores = _einsum("bkgtd,bksd->bkgts", q, k, cd)
+            scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+            return _einsum("bkgts,bksd->bkgtd", jax.nn.softmax(scores, axis=-1), v, cd)
+
+        if kv is None and T > _QUERY_CHUNK:
+            # Whole sequences (training, scoring): causal, so queries [q0, q1) read keys [0, q1)
+            # only. Chunking the queries skips the upper triangle of the score matrix (3/8 of
+            # it at 4 chunks) and keeps each chunk's [.., C, S] scores cache-sized.
+            out = jnp.concatenate([
+                attend(q[:, :, :, q0:q0 + _QUERY_CHUNK], k[:, :, :q0 + _QUERY_CHUNK],
+                       v[:, :, :q0 + _QUERY_CHUNK],
+                       attn_mask[:, q0:q0 + _QUERY_CHUNK, :q0 + _QUERY_CHUNK])
+                for q0 in range(0, T, _QUERY_CHUNK)], axis=3)
+        else:
+            out = attend(q, k, v, attn_mask)
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G * D)
         w_o = _param(self, "o_weight", ("embed", "heads"), (E, K * G * D), self.param_dtype)
         return _dot("btf,ef->bte", out, w_o, self.dtype), new_kv

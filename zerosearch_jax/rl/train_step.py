@@ -26,10 +26,12 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from zerosearch_jax import models
 from zerosearch_jax.rl import algorithms as algo
+from zerosearch_jax.rl import packing
 from zerosearch_jax.sharding import DEFAULT_RULES, Placement
 
 Array = jax.Array
@@ -47,6 +49,9 @@ class UpdateConfig:
     advantage: algo.AdvantageConfig = algo.AdvantageConfig()
     kl_in_reward: bool = False  # PPO: subtract kl_coef * KL from the token rewards.
     temperature: float = 1.0  # the rollout's sampling temperature; log-probs use logits / T.
+    # Tokens per packed row (several episodes a row, attention kept within each; rl/packing.py):
+    # micro_batch_size then counts packed rows. 0: one episode per row of the batch's length.
+    pack_length: int = 0
     remat: bool = True  # rematerialize transformer blocks in the backward pass.
     # Matmul input dtype; None = the parameters' own. "bfloat16" with float32 parameters is
     # the usual mixed precision: float32 master weights and optimizer moments (a 1e-6 step
@@ -57,6 +62,8 @@ class UpdateConfig:
         if self.advantage_estimator not in algo.ADVANTAGE_ESTIMATORS:
             raise ValueError(f"unknown advantage_estimator {self.advantage_estimator!r}; valid "
                              f"names: {sorted(algo.ADVANTAGE_ESTIMATORS)}")
+        if self.pack_length < 0:
+            raise ValueError(f"pack_length must be >= 0 (0: no packing), got {self.pack_length}")
         for name in ("ppo_epochs", "num_minibatches", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -80,9 +87,18 @@ class UpdateConfig:
         policy's at the sampling temperature), so scoring saves a forward pass."""
         return self.ppo_epochs > 1 or self.num_minibatches > 1
 
+    def plan(self, attention_mask: np.ndarray, seed: int = 0, tokens: np.ndarray | None = None,
+             group: np.ndarray | None = None, prompt_length: int = 0) -> packing.Layout:
+        """The host packing plan of a batch [B, T] for this update (numpy arrays); with tokens,
+        group and prompt_length a packed row holds a group's prompt once."""
+        return packing.plan(attention_mask, self.micro_batch_size, self.pack_length,
+                            self.num_minibatches, self.ppo_epochs, seed, tokens, group,
+                            prompt_length)
+
     def check_batch_size(self, batch_size: int) -> None:
         per_mini = batch_size // self.num_minibatches
-        if batch_size % self.num_minibatches or per_mini % self.micro_batch_size:
+        if batch_size % self.num_minibatches or (
+                not self.pack_length and per_mini % self.micro_batch_size):
             raise ValueError(
                 f"batch of {batch_size} trajectories must split into num_minibatches="
                 f"{self.num_minibatches} mini-batches of a multiple of micro_batch_size="
@@ -143,22 +159,30 @@ def _shift_right(x: Array) -> Array:
 
 
 def _hidden(config: models.ModelConfig, params, tokens, attention_mask, positions, remat=False,
-            dtype=None):
-    mask = attention_mask.astype(bool)
+            dtype=None, segment_ids=None, prefix_ids=None):
+    if segment_ids is not None:  # packed rows: causal within each episode (and its prompt)
+        attn = packing.segment_attention_mask(segment_ids, prefix_ids)
+    else:
+        attn = models.causal_attention_mask(attention_mask.astype(bool))
     out, _ = models.Transformer(config, remat=remat, dtype=dtype).apply(
-        {"params": params}, tokens, positions, models.causal_attention_mask(mask),
-        return_hidden=True)
+        {"params": params}, tokens, positions, attn, return_hidden=True)
     return out
 
 
 def policy_logprobs(config: models.ModelConfig, params, tokens: Array, attention_mask: Array,
                     positions: Array, temperature: float = 1.0, remat: bool = False,
-                    dtype=None) -> tuple[Array, Array]:
+                    dtype=None, segment_ids: Array | None = None,
+                    prefix_ids: Array | None = None) -> tuple[Array, Array]:
     """(log p(tokens[t] | tokens[<t]) [B, T], entropy of that distribution [B, T]), float32.
 
     Entry 0 of both is 0 (nothing predicts the first token). dtype: matmul input dtype.
+    segment_ids [B, T] (packed rows, 0 = padding) replaces attention_mask: a token attends to
+    its own episode only; an episode's first entry then holds a prediction from the episode
+    before it, which no loss reads (it is a prompt token). prefix_ids [B, T]: the segment of a
+    shared prompt each token also attends to (`packing.plan`), 0 for none.
     """
-    hidden = _hidden(config, params, tokens, attention_mask, positions, remat, dtype)
+    hidden = _hidden(config, params, tokens, attention_mask, positions, remat, dtype,
+                     segment_ids, prefix_ids)
     head = models.head_weight(config, params)
     # Position t predicts token t + 1; the last position predicts nothing (its target is a
     # dummy and its value is shifted out).
@@ -178,10 +202,11 @@ def init_critic(config: models.ModelConfig, policy_params, rng: Array) -> dict:
 
 
 def critic_values(config: models.ModelConfig, critic_params, tokens, attention_mask, positions,
-                  remat: bool = False, dtype=None) -> Array:
+                  remat: bool = False, dtype=None, segment_ids: Array | None = None,
+                  prefix_ids: Array | None = None) -> Array:
     """V(state before token t) [B, T] float32, indexed like the log-probs."""
     hidden = _hidden(config, critic_params["backbone"], tokens, attention_mask, positions, remat,
-                     dtype)
+                     dtype, segment_ids, prefix_ids)
     head = critic_params["value_head"]
     v = jnp.einsum("bte,e->bt", hidden, head["w"].astype(jnp.float32)) + head["b"]
     return _shift_right(v)
@@ -198,78 +223,96 @@ def critic_logical_axes(config: models.ModelConfig):
 # ----------------------------------------------------------------------------------------------
 
 
-def _micro_map(fn: Callable, n_micro: int, *arrays):
-    """Applies fn to micro-batches (rows i, i + n, i + 2n, ...), concatenating the outputs.
+@flax.struct.dataclass
+class Scored:
+    """A scored batch, [B, T] each (the rollout's rows): what the update reads.
 
-    Interleaved rows keep a batch sharded over devices along rows sharded inside each
-    micro-batch, so every device works on every micro-batch.
+    tokens, positions, loss_mask  the rollout's
+    ref_logprobs                  the frozen reference's log-probs
+    advantages, returns           the estimator's (returns are zero without a critic's use)
+    token_kl                      KL(policy || reference) per token, 0 unless kl_in_reward
+    old_logprobs                  the current policy's, when `needs_old_logprobs`, else None
+    old_values                    the critic's, with a critic, else None
     """
-    def split(x):
-        return x.reshape(-1, n_micro, *x.shape[1:]).swapaxes(0, 1)
 
-    def merge(y):
-        return y.swapaxes(0, 1).reshape(-1, *y.shape[2:])
+    tokens: Array
+    positions: Array
+    loss_mask: Array
+    ref_logprobs: Array
+    advantages: Array
+    returns: Array
+    token_kl: Array
+    old_logprobs: Array | None = None
+    old_values: Array | None = None
 
-    out = jax.lax.map(lambda xs: fn(*xs), tuple(split(a) for a in arrays))
-    return jax.tree.map(merge, out)
+
+def _packed_map(fn: Callable, layout: packing.Layout, tokens: Array, positions: Array) -> Array:
+    """fn(tokens, positions, segment_ids, prefix_ids) [R, L] -> [R, L] over the layout's score
+    micro-batches in use, scattered back to the batch's [B, T]."""
+    index, segment, prefix = layout.score_index, layout.score_segment, layout.score_prefix
+    tok = packing.gather(tokens, index, segment)
+    pos = packing.gather(positions, index, segment)
+    out = jnp.zeros(index.shape, jnp.float32)
+
+    def body(i, out):
+        return out.at[i].set(fn(tok[i], pos[i], segment[i], prefix[i]))
+
+    return packing.unpack(jax.lax.fori_loop(0, layout.score_used, body, out), layout)
 
 
 def score_batch(config: models.ModelConfig, uc: UpdateConfig, params, ref_params, critic_params,
-                batch: dict) -> dict:
-    """Adds ref_logprobs, old_logprobs (if `uc.needs_old_logprobs`), old_values (with a
-    critic), advantages, returns and token_kl to `batch`.
+                batch: dict, layout: packing.Layout) -> Scored:
+    """Reference log-probs, old log-probs (if `uc.needs_old_logprobs`), critic values (with a
+    critic), then advantages and returns by the configured estimator.
 
     batch: tokens, attention_mask, positions, loss_mask, rewards [B, T]; group [B]; logprobs
-    [B, T] (the rollout's, needed for a KL in the reward when there are no old log-probs).
+    [B, T] (the rollout's, needed for a KL in the reward when there are no old log-probs). The
+    forward passes run on the layout's packed micro-batches; the estimators on [B, T].
     """
-    B = batch["tokens"].shape[0]
-    n_micro = max(B // uc.micro_batch_size, 1)
-    seq = (batch["tokens"], batch["attention_mask"], batch["positions"])
-
     dtype = uc.compute_dtype
+    layout = jax.tree.map(jnp.asarray, layout)  # a host plan works too, outside jit
+    seq = (batch["tokens"], batch["positions"])
 
     def logp_fn(p):
-        return _micro_map(lambda *s: policy_logprobs(config, p, *s, uc.temperature,
-                                                     dtype=dtype)[0], n_micro, *seq)
+        return _packed_map(lambda t, pos, seg, pre: policy_logprobs(
+            config, p, t, None, pos, uc.temperature, dtype=dtype, segment_ids=seg,
+            prefix_ids=pre)[0], layout, *seq)
 
-    out = dict(batch)
     mask = batch["loss_mask"]
-    out["ref_logprobs"] = logp_fn(ref_params if ref_params is not None else params)
+    ref = logp_fn(ref_params if ref_params is not None else params)
+    old = logp_fn(params) if uc.needs_old_logprobs else None
     token_kl = jnp.zeros_like(mask)
-    if uc.needs_old_logprobs:
-        out["old_logprobs"] = logp_fn(params)
     if uc.kl_in_reward:
-        current = out["old_logprobs"] if uc.needs_old_logprobs else batch["logprobs"]
-        token_kl = algo.get_kl_estimator(uc.loss.kl_estimator)(current, out["ref_logprobs"])
+        current = old if uc.needs_old_logprobs else batch["logprobs"]
+        token_kl = algo.get_kl_estimator(uc.loss.kl_estimator)(current, ref) * mask
     values = None
     if critic_params is not None:
-        values = _micro_map(lambda *s: critic_values(config, critic_params, *s, dtype=dtype),
-                            n_micro, *seq)
-        out["old_values"] = values
+        values = _packed_map(lambda t, pos, seg, pre: critic_values(
+            config, critic_params, t, None, pos, dtype=dtype, segment_ids=seg, prefix_ids=pre),
+            layout, *seq)
     estimator = algo.get_advantage_estimator(uc.advantage_estimator)
     # token_kl is zero unless kl_in_reward, so the reward carries no KL otherwise.
     adv, ret = estimator(batch["rewards"], mask, group_ids=batch["group"], values=values,
-                         token_kl=token_kl * mask, config=uc.advantage)
-    out["advantages"], out["returns"] = adv, ret
-    out["token_kl"] = token_kl * mask
-    return out
+                         token_kl=token_kl, config=uc.advantage)
+    return Scored(tokens=batch["tokens"], positions=batch["positions"], loss_mask=mask,
+                  ref_logprobs=ref, advantages=adv, returns=ret, token_kl=token_kl,
+                  old_logprobs=old, old_values=values)
 
 
-def _accumulate(loss_fn: Callable, params, micro_batches: dict, n_micro: int):
-    """Sum of grads (float32) and metric sums of loss_fn over micro-batches (a lax.scan)."""
-    def step(carry, mb):
-        grads, metrics = carry
-        (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
-        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-        return (grads, jax.tree.map(jnp.add, metrics, m)), None
-
+def _accumulate(loss_fn: Callable, params, micro_batch: Callable, n_micro: Array):
+    """Sum of grads (float32) and metric sums of loss_fn over micro-batches 0..n_micro-1
+    (micro_batch(i) builds one; a loop whose length is data, so no shape depends on it)."""
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    first = jax.tree.map(lambda x: x[0], micro_batches)
     metric_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda: loss_fn(params, first)[1]))
-    (grads, metrics), _ = jax.lax.scan(step, (zeros, metric_zeros), micro_batches,
-                                       length=n_micro)
-    return grads, metrics
+        lambda: loss_fn(params, micro_batch(0))[1]))
+
+    def body(i, carry):
+        grads, metrics = carry
+        (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch(i))
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+        return grads, jax.tree.map(jnp.add, metrics, m)
+
+    return jax.lax.fori_loop(0, n_micro, body, (zeros, metric_zeros))
 
 
 def _apply_if_finite(optimizer, grads, params, opt_state, loss, grad_norm=None):
@@ -297,21 +340,28 @@ def _apply_if_finite(optimizer, grads, params, opt_state, loss, grad_norm=None):
 
 
 def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
-           state: TrainState, batch: dict, rng: Array) -> tuple[TrainState, dict]:
-    """ppo_epochs x num_minibatches optimizer steps on a scored batch. Pure; jit it."""
-    B = batch["tokens"].shape[0]
-    mini = B // uc.num_minibatches
-    n_micro = mini // uc.micro_batch_size
-    keys = ("tokens", "attention_mask", "positions", "loss_mask", "ref_logprobs", "advantages")
-    if "old_logprobs" in batch:
-        keys += ("old_logprobs",)
+           state: TrainState, batch: Scored, layout: packing.Layout
+           ) -> tuple[TrainState, dict]:
+    """ppo_epochs x num_minibatches optimizer steps on a scored batch. Pure; jit it.
+
+    Mini-batch n of epoch e is the layout's micro-batches update_*[e, n] (its episodes packed),
+    gathered from the [B, T] arrays as the gradient loop reaches them. Every loss is a sum over
+    the mini-batch's loss tokens divided by their count, whatever the packing.
+    """
+    B = batch.tokens.shape[0]
+    layout = jax.tree.map(jnp.asarray, layout)
+    per_episode = batch.loss_mask.sum(axis=1)  # [B]
+    fields = {"tokens": batch.tokens, "positions": batch.positions, "loss_mask": batch.loss_mask,
+              "ref_logprobs": batch.ref_logprobs, "advantages": batch.advantages}
+    if batch.old_logprobs is not None:
+        fields["old_logprobs"] = batch.old_logprobs
     if state.critic_params is not None:
-        keys += ("old_values", "returns")
+        fields["old_values"], fields["returns"] = batch.old_values, batch.returns
 
     def actor_loss(params, mb, count):
-        logp, entropy = policy_logprobs(config, params, mb["tokens"], mb["attention_mask"],
-                                        mb["positions"], uc.temperature, remat=uc.remat,
-                                        dtype=uc.compute_dtype)
+        logp, entropy = policy_logprobs(config, params, mb["tokens"], None, mb["positions"],
+                                        uc.temperature, remat=uc.remat, dtype=uc.compute_dtype,
+                                        segment_ids=mb["segment"], prefix_ids=mb["prefix"])
         use_ref = uc.loss.use_kl_loss or uc.kl_in_reward
         old = mb["old_logprobs"] if "old_logprobs" in mb else jax.lax.stop_gradient(logp)
         total, _, metrics = algo.ppo_actor_loss(
@@ -320,19 +370,31 @@ def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
         return total / count, metrics
 
     def critic_loss(cparams, mb, count):
-        v = critic_values(config, cparams, mb["tokens"], mb["attention_mask"], mb["positions"],
-                          remat=uc.remat, dtype=uc.compute_dtype)
+        v = critic_values(config, cparams, mb["tokens"], None, mb["positions"], remat=uc.remat,
+                          dtype=uc.compute_dtype, segment_ids=mb["segment"],
+                          prefix_ids=mb["prefix"])
         total, _ = algo.value_loss(v, mb["old_values"], mb["returns"], mb["loss_mask"],
                                    uc.loss.value_clip)
         return total / count, {"vf_loss": total}
 
-    def minibatch_step(state: TrainState, idx):
-        mb = {k: batch[k][idx] for k in keys}
-        count = jnp.maximum(mb["loss_mask"].sum(), 1.0)
-        micro = jax.tree.map(
-            lambda x: x.reshape(-1, n_micro, *x.shape[1:]).swapaxes(0, 1), mb)
-        grads, metrics = _accumulate(lambda p, m: actor_loss(p, m, count), state.params, micro,
-                                     n_micro)
+    def minibatch_step(state: TrainState, en):
+        e, n = en
+        index, segment = layout.update_index[e, n], layout.update_segment[e, n]
+        prefix = layout.update_prefix[e, n]
+        n_micro = layout.update_used[e, n]
+
+        def micro_batch(i):
+            mb = {k: packing.gather(v, index[i], segment[i]) for k, v in fields.items()}
+            mb["segment"], mb["prefix"] = segment[i], prefix[i]
+            return mb
+
+        # The mini-batch's loss tokens: its episodes' (segment b + 1 marks episode b; shared
+        # prompts, > B, hold none).
+        episode = jnp.where(segment <= B, segment, 0).reshape(-1)
+        member = jnp.zeros(B + 1, jnp.float32).at[episode].set(1.0)[1:]
+        count = jnp.maximum(member @ per_episode, 1.0)
+        grads, metrics = _accumulate(lambda p, m: actor_loss(p, m, count), state.params,
+                                     micro_batch, n_micro)
         metrics = {k: v / count for k, v in metrics.items()}
         metrics["grad_norm"] = optax.global_norm(grads)
         params, opt_state, finite = _apply_if_finite(actor_opt, grads, state.params,
@@ -342,7 +404,7 @@ def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
         critic_params, critic_opt_state = state.critic_params, state.critic_opt_state
         if critic_params is not None:
             cgrads, cm = _accumulate(lambda p, m: critic_loss(p, m, count), critic_params,
-                                     micro, n_micro)
+                                     micro_batch, n_micro)
             metrics["vf_loss"] = cm["vf_loss"] / count
             metrics["critic_grad_norm"] = optax.global_norm(cgrads)
             critic_params, critic_opt_state, cfinite = _apply_if_finite(
@@ -351,12 +413,9 @@ def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
             metrics["nonfinite"] = jnp.maximum(metrics["nonfinite"], 1.0 - cfinite)
         return TrainState(state.step, params, opt_state, critic_params, critic_opt_state), metrics
 
-    def epoch(state, key):
-        perm = jax.random.permutation(key, B).reshape(uc.num_minibatches, mini)
-        return jax.lax.scan(minibatch_step, state, perm)
-
-    state, metrics = jax.lax.scan(epoch, state, jax.random.split(rng, uc.ppo_epochs))
-    metrics = jax.tree.map(lambda x: x.reshape(-1), metrics)
+    E, N = layout.update_used.shape
+    steps = (jnp.repeat(jnp.arange(E), N), jnp.tile(jnp.arange(N), E))
+    state, metrics = jax.lax.scan(minibatch_step, state, steps)
     summary = {k: jnp.mean(v) for k, v in metrics.items()}
     summary["nonfinite"] = jnp.sum(metrics["nonfinite"])
     return state.replace(step=state.step + 1), summary
@@ -371,8 +430,10 @@ class TrainFns:
     """The jitted functions of one training run and the shardings they use."""
 
     init_state: Callable  # (params, critic_params | None) -> TrainState
-    score: Callable  # (params, ref_params, critic_params, batch) -> scored batch
-    update: Callable  # (state, scored batch, rng) -> (state, metrics)
+    plan: Callable  # (attention_mask [B, T] numpy, seed) -> packing.Layout, placed
+    place_layout: Callable  # (host packing.Layout) -> placed
+    score: Callable  # (params, ref_params, critic_params, batch, layout) -> Scored
+    update: Callable  # (state, Scored, layout) -> (state, metrics)
     param_sharding: Any
     critic_sharding: Any
     state_sharding: Any
@@ -382,11 +443,12 @@ class TrainFns:
 
 def make_train_fns(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt=None,
                    mesh: jax.sharding.Mesh | None = None, rules=DEFAULT_RULES) -> TrainFns:
-    """Builds the jitted init / score / update functions.
+    """Builds the jitted init / score / update functions and the packing planner.
 
     With a mesh, parameters are placed by their logical axes (`rules`), optimizer states like
-    their parameters, and [B, ...] batch arrays split along ("data", "fsdp"); the state is
-    donated to `update`. Without a mesh everything lives on the default device.
+    their parameters, [B, ...] batch arrays split along ("data", "fsdp") and packed
+    micro-batches along their rows; the state is donated to `update`. Without a mesh
+    everything lives on the default device.
     """
     if uc.uses_critic and critic_opt is None:
         raise ValueError("the gae estimator (PPO) needs a critic optimizer")
@@ -430,29 +492,21 @@ def make_train_fns(config: models.ModelConfig, uc: UpdateConfig, actor_opt, crit
         state = _init(params, critic_params)
         return placement.put(state, state_sharding)
 
-    jitted: dict = {}
+    def place_layout(layout: packing.Layout) -> packing.Layout:
+        """A host plan on the mesh: packed micro-batches split along their rows, so every
+        device works on every micro-batch."""
+        return placement.put(layout, placement.shardings(packing.LAYOUT_AXES, layout))
 
-    def score(params, ref_params, critic_params, batch):
-        key = ("score", tuple(sorted(batch)), ref_params is None, critic_params is None)
-        if key not in jitted:
-            fn = functools.partial(score_batch, config, uc)
-            # Scored arrays leave split along rows, exactly as `update` takes them (left to
-            # propagation, a micro-batch reshape can hand back replicated rows).
-            out = jax.eval_shape(fn, params, ref_params, critic_params, batch)
-            jitted[key] = jax.jit(
-                fn, in_shardings=(param_sharding, None if ref_params is None else param_sharding,
-                                  critic_sharding, jax.tree.map(batch_spec, batch)),
-                out_shardings=jax.tree.map(batch_spec, out))
-        return jitted[key](params, ref_params, critic_params, batch)
+    def plan(attention_mask, seed: int = 0, **shared) -> packing.Layout:
+        """`uc.plan` of a batch (every process passes the whole batch), placed."""
+        return place_layout(uc.plan(np.asarray(attention_mask), seed, **shared))
 
-    def update_fn(state, batch, rng):
-        key = ("update", tuple(sorted(batch)))
-        if key not in jitted:
-            jitted[key] = jax.jit(
-                functools.partial(update, config, uc, actor_opt, critic_opt),
-                in_shardings=(state_sharding, jax.tree.map(batch_spec, batch), replicated),
-                out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-        return jitted[key](state, batch, rng)
+    # The scored [B, T] arrays leave split along rows, as `update` takes them.
+    score_jit = jax.jit(functools.partial(score_batch, config, uc),
+                        out_shardings=placement.batch_sharding(2))
+    update_jit = jax.jit(functools.partial(update, config, uc, actor_opt, critic_opt),
+                         in_shardings=(state_sharding, placement.batch_sharding(2), None),
+                         out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
-    return TrainFns(init_state, score, update_fn, param_sharding, critic_sharding,
+    return TrainFns(init_state, plan, place_layout, score_jit, update_jit, param_sharding, critic_sharding,
                     state_sharding, batch_spec, placement)
