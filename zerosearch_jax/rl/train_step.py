@@ -1,19 +1,24 @@
 """The RL update: log-probs, advantages, and the jitted PPO-style train step.
 
-Host and device meet at three pure functions, each jitted once per shape:
+Host and device meet at three pure functions, each jitted once per run:
 
+- `UpdateConfig.plan` (host, `rl/packing.py`): where each real token of the [B, T] rollout
+  batch goes in fixed-shape packed micro-batches (several episodes a row, a GRPO group's
+  prompt once), and which episodes form each PPO epoch's mini-batches.
 - `score_batch`: old log-probs (the current policy), reference log-probs (the frozen initial
-  policy), critic values, then advantages/returns by the configured estimator. Every log-prob
+  policy), critic values, all on the packed rows and scattered back to [B, T], then
+  advantages/returns by the configured estimator; one `Scored` struct out. Every log-prob
   here and in the update is taken at the rollout's sampling temperature (logits / T, as veRL),
   so on-policy the importance ratio is 1 whatever the temperature.
 - `update`: `ppo_epochs` x `num_minibatches` optimizer steps; each mini-batch's gradient is
-  accumulated over micro-batches with `lax.scan`, every loss a (sum, count) pair divided once
-  by the mini-batch's token count, so the result does not depend on the micro-batch size.
+  accumulated over its packed micro-batches (a loop over those in use), every loss a (sum,
+  count) pair divided once by the mini-batch's token count, so the result depends on neither
+  the packing nor the micro-batch size.
 - A non-finite loss or gradient skips that optimizer step (parameters and optimizer state are
   kept) and is reported in the metrics as `nonfinite`; the training loop stops after too many.
 
 `make_train_fns` closes over the static pieces (configs, optimizers, shardings) and returns
-jitted functions with explicit in/out shardings and donated state, PureJaxRL style.
+jitted functions with explicit shardings and donated state, PureJaxRL style.
 """
 
 from __future__ import annotations
