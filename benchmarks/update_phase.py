@@ -112,15 +112,17 @@ def main():
               f"{r['score_s']:.1f}, update {r['update_s']:.1f}); padding {r['padding']:.1%} of "
               f"{r['slots']} slots; reference pass {r['score_s'] / total:.0%}")
     # A dense update of the same model: every slot a real token ([4, 256], train_step.py's).
-    dense = {k: np.ones((4, 256), bool) if k == "attention_mask" else None for k in KEYS}
-    dense["prompt_length"] = np.int32(0)
     rng = np.random.default_rng(0)
-    dense.update(tokens=rng.integers(3, config.vocab_size, (4, 256)).astype(np.int32),
-                 positions=np.tile(np.arange(256, dtype=np.int32), (4, 1)),
-                 loss_mask=np.ones((4, 256), np.float32), logprobs=np.zeros((4, 256), np.float32),
-                 rewards=np.zeros((4, 256), np.float32), group=np.arange(4, dtype=np.int32))
-    dense["loss_mask"][:, :64] = 0
-    dense["rewards"][:, -1] = rng.random(4)
+    loss_mask = np.ones((4, 256), np.float32)
+    loss_mask[:, :64] = 0  # a prompt quarter
+    rewards = np.zeros((4, 256), np.float32)
+    rewards[:, -1] = rng.random(4)
+    dense = {"tokens": rng.integers(3, config.vocab_size, (4, 256)).astype(np.int32),
+             "attention_mask": np.ones((4, 256), bool),
+             "positions": np.tile(np.arange(256, dtype=np.int32), (4, 1)),
+             "loss_mask": loss_mask, "logprobs": np.zeros((4, 256), np.float32),
+             "rewards": rewards, "group": np.arange(4, dtype=np.int32),
+             "prompt_length": np.int32(0)}
     d = time_phase(dataclasses.replace(packed_uc, pack_length=0, micro_batch_size=4), config,
                    params, dense, args.repeats)
     dense_rate = 4 * 256 / d["update_s"]

@@ -14,7 +14,6 @@ from zerosearch_jax import models
 from zerosearch_jax.rl import packing
 from zerosearch_jax.rl import train_step as ts
 
-
 PROMPT = 6  # toy_batch's prompt length
 
 

@@ -588,10 +588,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         # The packing plan is global: built from every process's rows, the same on each.
         mask, tokens, group = (sharding.allgather(x).reshape(-1, *x.shape[1:]) for x in (
             batch.attention_mask, batch.tokens, batch.group))
-        try:
-            plan = uc.plan(mask, c.seed * 1_000_003 + step, tokens, group, batch.prompt_length)
-        except ValueError as e:
-            raise ConfigError(f"config.algorithm.pack_length: {e}") from None
+        # build_settings checked that pack_length holds the longest possible episode.
+        plan = uc.plan(mask, c.seed * 1_000_003 + step, tokens, group, batch.prompt_length)
         layout = fns.place_layout(plan)
         scored = fns.score(state.params, ref_params, state.critic_params,
                            meshes.train.put_batch(_batch_dict(batch), batch_size), layout)

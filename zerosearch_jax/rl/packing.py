@@ -59,10 +59,6 @@ class Layout:
     update_prefix: Array
     update_used: Array
 
-    @property
-    def row_length(self) -> int:
-        return self.score_index.shape[-1]
-
 
 _P = jax.sharding.PartitionSpec
 _ROWS3, _ROWS5 = _P(None, "batch", None), _P(None, None, None, "batch", None)
@@ -201,7 +197,11 @@ def plan(attention_mask: np.ndarray, rows: int, row_length: int = 0, num_minibat
     u_prefix = np.zeros_like(u_index)
     u_used = np.zeros((ppo_epochs, num_minibatches), np.int32)
     for e in range(ppo_epochs):
-        perm = rng.permutation(B) if num_minibatches > 1 else np.arange(B)
+        if num_minibatches == 1:  # every epoch's one mini-batch is the whole batch, as scored
+            u_index[e, 0], u_segment[e, 0] = score_index, score_segment
+            u_prefix[e, 0], u_used[e, 0] = score_prefix, score_used
+            continue
+        perm = rng.permutation(B)
         for n in range(num_minibatches):
             (u_index[e, n], u_segment[e, n], u_prefix[e, n], u_used[e, n],
              _) = micro_batches(np.sort(perm[n * per_mini:(n + 1) * per_mini]), m_mini)

@@ -513,5 +513,5 @@ def make_train_fns(config: models.ModelConfig, uc: UpdateConfig, actor_opt, crit
                          in_shardings=(state_sharding, placement.batch_sharding(2), None),
                          out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
-    return TrainFns(init_state, plan, place_layout, score_jit, update_jit, param_sharding, critic_sharding,
-                    state_sharding, batch_spec, placement)
+    return TrainFns(init_state, plan, place_layout, score_jit, update_jit, param_sharding,
+                    critic_sharding, state_sharding, batch_spec, placement)
