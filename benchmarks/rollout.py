@@ -9,17 +9,20 @@ tokens, top-p 0.95, noise probability 0.25. Point `--policy` / `--simulator` at 
 warmed-up policy and tuned simulator: the embedded model (the fallback) almost never searches,
 so without them the figure is policy decoding alone.
 
-Prints, for the host-loop rollout (the only engine so far): the first call's time (compilation
-included) and every later one, episodes/s, policy and simulator tokens/s, the split by phase,
-and the same run's decode-only rate at the rollout's batch (`sampling.generate`, greedy, no
-early stop, as `benchmarks/decode.py`): the rollout's tokens/s as a fraction of it.
-`--sim-batch 0` lets the simulator's batch follow each turn's number of searches (a compiled
-program per size, as before the fixed simulator batch), for a side-by-side comparison.
+Prints, for each engine of `--engines` (default: host,in_graph), the first call's time
+(compilation included) and every later one, episodes/s, policy and simulator tokens, and the
+rollout's tokens/s as a fraction of plain decoding at the rollout's batch in the same run
+(`sampling.generate`, greedy, no early stop, as `benchmarks/decode.py`); then each engine
+against the host loop. Engines: `host`, the text-level host loop (`agent.rollout`, kept as the
+baseline and for external engines), with its split by phase; `in_graph`, the whole rollout as
+one program (`agent.episode.rollout`); `stepped`, the in-graph pieces called one at a time.
+`--sim-batch 0` lets the host loop's simulator batch follow each turn's number of searches.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -58,6 +61,9 @@ def main():
                          "0 = none (a program per batch size)")
     ap.add_argument("--noise", type=float, default=0.25)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--engines", default="host,in_graph",
+                    help="comma-separated: host (the text-level host loop), stepped (the "
+                         "in-graph pieces, one jitted call each), in_graph (one program)")
     args = ap.parse_args()
 
     B = args.questions * args.samples
@@ -71,37 +77,53 @@ def main():
     rc = agent.RolloutConfig(samples_per_prompt=args.samples, max_turns=args.max_turns,
                              max_new_tokens=args.max_new_tokens,
                              max_obs_tokens=args.max_obs_tokens)
-    runs = []
-    for r in range(args.repeats + 1):
-        sim_before = sim.generated_tokens
-        t = time.perf_counter()
-        _, stats = agent.rollout(config, params, tok, questions, sim, rollout_config=rc,
-                                 sampler=sampling.TopP(0.95), rng=r)
-        runs.append((time.perf_counter() - t, stats, sim.generated_tokens - sim_before))
-    steady = runs[1:]
-    total = statistics.median(t for t, _, _ in steady)
-    policy_tokens = statistics.median(s.generated_tokens for _, s, _ in steady)
-    sim_tokens = statistics.median(n for _, _, n in steady)
-    phases = {k: statistics.median(s.timings[k] for _, s, _ in steady)
-              for k in ("policy_s", "search_s", "insert_s")}
-    searches = statistics.median(float(s.engine_calls.mean()) for _, s, _ in steady)
     rate = decode_rate(config, params, B, 128)
     print(f"rollout: {B} episodes ({args.questions} questions x {args.samples}), max_turns="
           f"{args.max_turns}, {args.max_new_tokens} tokens/turn, policy {args.policy}, "
-          f"simulator {args.simulator} (batch padding {sim.batch_size})")
-    print("  seconds per rollout  " + " ".join(f"{t:.1f}" for t, _, _ in runs)
-          + "   (the first compiles)")
-    print(f"  episodes/s           {B / total:8.3f}   ({total:.1f} s per rollout, median of "
-          f"{len(steady)})")
-    print(f"  policy tokens/s      {policy_tokens / total:8.1f}   ({policy_tokens:.0f} tokens, "
-          f"{searches:.2f} engine calls per episode)")
-    print(f"  simulator tokens/s   {sim_tokens / max(phases['search_s'], 1e-9):8.1f}   "
-          f"({sim_tokens:.0f} tokens)")
-    all_rate = (policy_tokens + sim_tokens) / total
-    print(f"  all tokens/s         {all_rate:8.1f}   = {all_rate / rate:.0%} of plain decoding "
-          f"at batch {B} ({rate:.1f} tok/s, same run)")
-    for k, v in phases.items():
-        print(f"  {k:<20} {v:8.2f} s  ({100 * v / total:.0f}%)")
+          f"simulator {args.simulator} (host-loop batch padding {sim.batch_size}); plain "
+          f"decoding at batch {B}: {rate:.1f} tok/s (same run)")
+    engines = {
+        "host": agent.rollout,  # the text-level host loop (every engine; the baseline)
+        "stepped": functools.partial(agent.episode.rollout, stepped=True),
+        "in_graph": agent.episode.rollout,  # one program per rollout
+    }
+    medians = {}
+    for name in args.engines.split(","):
+        runs = []
+        for r in range(args.repeats + 1):
+            sim_before = sim.generated_tokens
+            t = time.perf_counter()
+            _, stats = engines[name](config, params, tok, questions, sim, rollout_config=rc,
+                                     sampler=sampling.TopP(0.95), rng=r,
+                                     noise_probability=args.noise)
+            runs.append((time.perf_counter() - t, stats, sim.generated_tokens - sim_before))
+        steady = runs[1:]
+        total = statistics.median(t for t, _, _ in steady)
+        policy_tokens = statistics.median(s.generated_tokens for _, s, _ in steady)
+        sim_tokens = statistics.median(n for _, _, n in steady)
+        searches = statistics.median(float(s.engine_calls.mean()) for _, s, _ in steady)
+        f1 = statistics.mean(float(s.f1.mean()) for _, s, _ in steady)
+        all_rate = (policy_tokens + sim_tokens) / total
+        medians[name] = (total, all_rate)
+        print(f"[{name}]")
+        print("  seconds per rollout  " + " ".join(f"{t:.1f}" for t, _, _ in runs)
+              + "   (the first compiles)")
+        print(f"  episodes/s           {B / total:8.3f}   ({total:.1f} s per rollout, median of "
+              f"{len(steady)})")
+        print(f"  policy tokens        {policy_tokens:8.0f}   ({searches:.2f} engine calls per "
+              f"episode, mean F1 {f1:.3f})")
+        print(f"  simulator tokens     {sim_tokens:8.0f}")
+        print(f"  all tokens/s         {all_rate:8.1f}   = {all_rate / rate:.0%} of plain "
+              f"decoding at batch {B}")
+        if name == "host":
+            for k in ("policy_s", "search_s", "insert_s"):
+                v = statistics.median(s.timings[k] for _, s, _ in steady)
+                print(f"  {k:<20} {v:8.2f} s  ({100 * v / total:.0f}%)")
+    if "host" in medians:
+        for name, (total, all_rate) in medians.items():
+            if name != "host":
+                print(f"{name} / host: {medians['host'][0] / total:.2f}x episodes/s, "
+                      f"{all_rate / medians['host'][1]:.2f}x tokens/s")
 
 
 if __name__ == "__main__":

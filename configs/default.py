@@ -48,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.max_obs_tokens = 128  # per inserted observation (upstream: 500).
     c.rollout.max_prompt_tokens = 512  # the world's questions need ~170 (chat template included).
     c.rollout.max_context_tokens = 4096
+    # auto: each rollout one jitted program (policy turns, parsing, the simulator, inserted
+    # documents) when the simulator is the in-process llm with the policy's tokenizer, else the
+    # host loop | in_graph | host.
+    c.rollout.engine = "auto"
     c.rollout.temperature = 1.0
     c.rollout.top_p = 0.95
 

@@ -257,7 +257,12 @@ def test_encode_masks_exactly_the_target_and_end_of_turn(tiny):
     _, _, _, tok = tiny
     ex = _examples(1)[0]
     data, cut = finetune_lib.encode(tok, [ex], 200)
-    prompt = tok.encode(tok.chat_prompt(ex["prompt"], system=""))
+    # The prompt is the simulator's token assembly, as the in-graph rollout prompts it.
+    context = search.QueryContext(ex["question"], tuple(ex["golden_answers"]))
+    prompt = search.SimulatorPrompt.make(tok).ids(tok, ex["query"], context,
+                                                  ex["label"] == "useful")
+    assert tok.decode(prompt, skip_special_tokens=False) == tok.chat_prompt(ex["prompt"],
+                                                                            system="")
     target = tok.encode(ex["target"]) + [tok.eos_ids[0]]
     n = len(prompt) + len(target)
     assert cut == 0

@@ -88,6 +88,55 @@ def test_sigkill_resume_matches_uninterrupted_run(policy_dir, tmp_path):
     assert steps == sorted(steps) and steps[-1] == 4 and len(steps) == len(set(steps))
 
 
+def test_a_corrupt_newest_checkpoint_resumes_from_the_previous_step(policy_dir, tmp_path):
+    """Train, overwrite 4 KB of the newest step's largest array file with random bytes, rerun:
+    the damaged step is set aside (logged), the run resumes from the step before and ends
+    bit-identical to the uninterrupted run."""
+    flags = tiny_run_flags(policy_dir, tmp_path, steps=3, **{"checkpoint.every": 1})
+    proc = _run(flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    clean = _final_params(tmp_path)
+    target = max((p for p in (tmp_path / "checkpoints" / "3").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    start = len(data) // 2
+    data[start:start + 4096] = np.random.default_rng(0).integers(0, 256, 4096,
+                                                                 dtype=np.uint8).tobytes()
+    target.write_bytes(bytes(data))
+    proc = _run(flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoint step 3 is damaged" in proc.stderr
+    assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
+    assert (tmp_path / "checkpoints" / "3.corrupt").exists()
+    again = _final_params(tmp_path)
+    for k in clean:
+        np.testing.assert_array_equal(clean[k], again[k], err_msg=k)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps == [0, 1, 2, 3]
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(policy_dir, tmp_path):
+    flags = tiny_run_flags(policy_dir, tmp_path, steps=3, **{"checkpoint.every": 3})
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.Popen([sys.executable, "-m", "zerosearch_jax.train", *flags], cwd=ROOT,
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and any(json.loads(line)["step"] == 1
+                                    for line in open(metrics) if line.strip()):
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, "the run ended before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not glob.glob(str(tmp_path / "checkpoints" / "[0-9]*"))
+    proc = _run(flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in open(metrics)]
+    assert steps == [0, 1, 2, 3]
+
+
 def test_nonfinite_updates_stop_the_run_with_the_last_good_checkpoint(policy_dir, tmp_path):
     proc = _run(tiny_run_flags(policy_dir, tmp_path, steps=8, **{
         "optim.lr": 1e12, "optim.grad_clip": 1e30, "checkpoint.every": 1,

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from zerosearch_jax import agent, curriculum, models, sampling, search, sharding
+from zerosearch_jax import agent, checkpoints, curriculum, models, sampling, search, sharding
 from zerosearch_jax.cli import setup_logging
 from zerosearch_jax.data import qa, synthetic
 from zerosearch_jax.data.iterator import DataIterator
@@ -61,6 +61,12 @@ class Settings:
     axis_rules: tuple = sharding.DEFAULT_RULES
     simulator_devices: int = 0
     simulator_mesh_shape: tuple[int, int, int] = (-1, 1, 1)
+
+
+# rollout.engine: `in_graph` runs each rollout as one program (agent/episode.py; the in-process
+# simulator sharing the policy's tokenizer), `host` the text-level host loop (agent/rollout.py;
+# every engine), `auto` the first when the engine allows it.
+ROLLOUT_ENGINES = ("auto", "in_graph", "host")
 
 
 def _check(condition: bool, key: str, value: Any, expected: str) -> None:
@@ -98,6 +104,14 @@ def build_settings(c: ml_collections.ConfigDict) -> Settings:
         from zerosearch_jax.simulator_sft import pipeline
 
         pipeline.build_settings(c.simulator.sft, prefix="config.simulator.sft.")
+    _check(c.max_nonfinite_steps >= 1, "max_nonfinite_steps", c.max_nonfinite_steps,
+           "an integer >= 1 (consecutive skipped updates before the run stops)")
+    if c.simulator.kind in ("llm", "server"):
+        _check(c.simulator.max_new_tokens >= 1, "simulator.max_new_tokens",
+               c.simulator.max_new_tokens, ">= 1")
+        _check(c.simulator.temperature > 0, "simulator.temperature", c.simulator.temperature,
+               "> 0")
+        _check(c.simulator.topk >= 1, "simulator.topk", c.simulator.topk, ">= 1")
     _check(c.mesh.simulator_devices >= 0, "mesh.simulator_devices", c.mesh.simulator_devices,
            ">= 0 (0: the simulator shares the training devices)")
     _check(c.mesh.simulator_devices == 0 or c.simulator.kind == "llm", "mesh.simulator_devices",
@@ -111,6 +125,12 @@ def build_settings(c: ml_collections.ConfigDict) -> Settings:
     except ValueError as e:
         raise ConfigError(f"config.curriculum: {e}") from None
     r = c.rollout
+    engine_mode = r.get("engine", "auto")
+    _check(engine_mode in ROLLOUT_ENGINES, "rollout.engine", engine_mode,
+           " | ".join(ROLLOUT_ENGINES))
+    _check(engine_mode != "in_graph" or c.simulator.kind == "llm", "rollout.engine",
+           engine_mode, f"auto or host with simulator.kind={c.simulator.kind!r} (the in-graph "
+           "rollout runs the in-process llm simulator)")
     try:
         rollout = agent.RolloutConfig(
             samples_per_prompt=r.samples_per_prompt, max_turns=r.max_turns,
@@ -184,18 +204,54 @@ def make_meshes(settings: Settings, batch_size: int) -> sharding.Meshes:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_examples(spec: str, c: ml_collections.ConfigDict) -> list[qa.QAExample]:
-    """`synthetic:<split>`, or comma-separated files / `hf:` ids (e.g. NQ + HotpotQA)."""
+def load_examples(spec: str, c: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None,
+                  rollout: agent.RolloutConfig | None = None,
+                  key: str = "data") -> list[qa.QAExample]:
+    """`synthetic:<split>`, or comma-separated files / `hf:` ids (e.g. NQ + HotpotQA).
+
+    With a tokenizer and a rollout config, every question is also checked against
+    `rollout.max_prompt_tokens` here, at load: a question that cannot be rolled out follows
+    `data.on_error` (skipped with a warning, or an error naming it) instead of failing the step
+    that draws it, at the same step on every resume. `key` names the config key in errors.
+    """
     out: list[qa.QAExample] = []
     for part in (s.strip() for s in spec.split(",") if s.strip()):
         if part.startswith("synthetic:"):
             world = synthetic.build_world(synthetic.WorldConfig(seed=c.data.synthetic_seed))
             out += world.questions(part.split(":", 1)[1])
-        else:
+            continue
+        try:
             out += qa.load_qa(part, on_error=c.data.on_error)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config.{key}: {e}") from None
+    if tokenizer is not None and rollout is not None:
+        out = admissible(out, tokenizer, rollout, c.data.on_error)
     if not out:
-        raise ConfigError(f"no questions in {spec!r}")
+        raise ConfigError(f"config.{key}: no usable questions in {spec!r}")
     return out
+
+
+def admissible(examples, tokenizer: Tokenizer, rollout: agent.RolloutConfig,
+               on_error: str) -> list[qa.QAExample]:
+    """The examples whose policy prompt fits `rollout.max_prompt_tokens`; the others raise a
+    `DataError` or are skipped with a warning (`on_error`). A question far longer than any
+    prompt (over 32 characters a token) is refused before it is tokenized."""
+    kept = []
+    for ex in examples:
+        if len(ex.question) > 32 * rollout.max_prompt_tokens:
+            why = f"{len(ex.question)} characters"
+        else:
+            n = len(agent.prompt_ids(tokenizer, ex.question, rollout.chat_template))
+            if n <= rollout.max_prompt_tokens:
+                kept.append(ex)
+                continue
+            why = f"{n} tokens"
+        message = (f"question {ex.id!r} ({ex.data_source}): its prompt has {why}, more than "
+                   f"rollout.max_prompt_tokens={rollout.max_prompt_tokens}")
+        if on_error == "raise":
+            raise qa.DataError(message)
+        logger.warning("skipping %s", message)
+    return kept
 
 
 def _world_passages(c) -> list[search.Passage]:
@@ -219,7 +275,24 @@ def make_real_engine(kind: str, c: ml_collections.ConfigDict, *, corpus: str = "
 
 def make_validation_engine(c: ml_collections.ConfigDict) -> search.SearchEngine:
     v = c.validation
-    return make_real_engine(v.engine, c, corpus=v.corpus, url=v.url, topk=v.topk)
+    try:
+        return make_real_engine(v.engine, c, corpus=v.corpus, url=v.url, topk=v.topk)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config.validation.corpus: {e}") from None
+
+
+def check_models(c: ml_collections.ConfigDict) -> None:
+    """Every model the run will load exists (a path, an embedded name, or a hub id it can
+    fetch), before any stage spends time: the error names the key."""
+    keys = [("policy", c.policy), ("tokenizer", c.tokenizer)]
+    if c.simulator.kind == "llm":
+        keys.append(("simulator.model", c.simulator.model))
+    for key, name in keys:
+        if name:
+            try:
+                models.resolve_model(name)
+            except models.WeightsError as e:
+                raise ConfigError(f"config.{key}: {e}") from None
 
 
 def _stage(workdir: str, name: str, what: str, single_host: str) -> tuple[str, str, bool]:
@@ -283,7 +356,8 @@ def warm_up_policy(c: ml_collections.ConfigDict, workdir: str, settings: Setting
     if done:
         return hf_dir
     t0 = time.perf_counter()
-    questions = qa.sample(load_examples(c.data.train, c), w.num_questions, seed=c.seed)
+    questions = qa.sample(load_examples(c.data.train, c, tokenizer, settings.rollout,
+                                        "data.train"), w.num_questions, seed=c.seed)
     plan = agent.warmup.question_queries
     if c.data.train.startswith("synthetic:"):
         plan = agent.warmup.synthetic_world_queries(
@@ -318,6 +392,24 @@ def warm_up_policy(c: ml_collections.ConfigDict, workdir: str, settings: Setting
         json.dump({**counts, "seconds": time.perf_counter() - t0,
                    "tokens_per_row": int(data["tokens"].shape[1])}, f, indent=2)
     return hf_dir
+
+
+def _rollout_engine(c: ml_collections.ConfigDict, engine, tokenizer: Tokenizer, placement,
+                    examples):
+    """The rollout function of `rollout.engine` (`agent.rollout`'s signature)."""
+    mode = c.rollout.get("engine", "auto")
+    why_not = agent.episode.supports(engine, tokenizer, placement)
+    if mode == "in_graph" and why_not:
+        raise ConfigError(f"config.rollout.engine = 'in_graph': {why_not}")
+    if mode == "host" or why_not:
+        if mode == "auto":
+            logger.info("rollout: the host loop (%s)", why_not)
+        return agent.rollout
+    # Fixed simulator-prompt widths for the whole run: every step runs the same program.
+    widths = agent.episode.field_lengths(tokenizer, examples, engine.prompt)
+    logger.info("rollout: one program per rollout (policy and simulator in graph; question "
+                "and answer widths %s)", widths)
+    return functools.partial(agent.episode.rollout, field_widths=widths)
 
 
 def make_training_engine(c: ml_collections.ConfigDict, policy: tuple, tokenizer: Tokenizer,
@@ -468,10 +560,16 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # simulator hold compute_dtype copies (a cast per step is far cheaper than casting every
     # weight at every decode step).
     compute = jnp.dtype(c.compute_dtype)
+    check_models(c)
     tokenizer = Tokenizer.from_pretrained(c.tokenizer or c.policy)
     val_engine = make_validation_engine(c)
-    val_examples = qa.sample(load_examples(c.data.validation, c), c.data.validation_size,
+    val_examples = qa.sample(load_examples(c.data.validation, c, tokenizer, rc,
+                                           "data.validation"), c.data.validation_size,
                              seed=c.seed)
+    # Before any stage: a data problem is found in seconds, not after the warm-up.
+    train_examples = load_examples(c.data.train, c, tokenizer, rc, "data.train")
+    _check(c.prompts_per_step <= len(train_examples), "prompts_per_step", c.prompts_per_step,
+           f"at most the {len(train_examples)} usable training questions")
     to_compute = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(compute), p))
     initial_policy = c.policy
     if c.warmup.steps:
@@ -513,8 +611,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     del params, critic
 
     # -- data -----------------------------------------------------------------------------------
-    train_examples = load_examples(c.data.train, c)
     data = DataIterator(train_examples, seed=c.seed)
+    rollout_fn = _rollout_engine(c, train_engine, tokenizer, meshes.rollout, train_examples)
 
     # -- resume ---------------------------------------------------------------------------------
     ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -522,23 +620,23 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         max_to_keep=c.checkpoint.keep, create=True))
     writer = MetricsWriter(workdir, enabled=is_main)
     start = 0
-    if manager.latest_step() is not None:
-        step0 = manager.latest_step()
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                state, fns.state_sharding)
-        restored = manager.restore(step0, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        state = restored["state"]
-        data.restore(restored["meta"]["data"])
-        start = int(restored["meta"]["step"])
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            state, fns.state_sharding)
+    # The newest step that loads and matches the checksums saved with it; damaged ones are set
+    # aside with a warning saying why.
+    restored = checkpoints.restore_latest_intact(manager, abstract)
+    if restored is not None:
+        _, state, meta = restored
+        data.restore(meta["data"])
+        start = int(meta["step"])
         writer.truncate_after(start)
         logger.info("resumed from %s at step %d", ckpt_dir, start)
+    else:  # a run killed before its first checkpoint starts over: so do its metrics
+        writer.truncate_after(-1)
 
     def save(step: int):
         meta = {"step": step, "data": data.state(), "seed": c.seed}
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), force=True)
-        manager.wait_until_finished()
+        checkpoints.save(manager, step, state, meta)
 
     rollout_sharding = meshes.rollout.param_shardings(model_config)
 
@@ -576,12 +674,12 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         questions = data.next_batch(c.prompts_per_step)
         prompt_length = max(prompt_length, sampling.bucket_length(max(
             len(agent.prompt_ids(tokenizer, q.question, rc.chat_template)) for q in questions)))
-        batch, stats = agent.rollout(model_config, rollout_params(), tokenizer,
-                                     questions[my_questions], train_engine,
-                                     rollout_config=settings.rollout, sampler=settings.sampler,
-                                     rng=key, noise_probability=p_noise,
-                                     batch_lengths=(prompt_length, response_length),
-                                     placement=meshes.rollout, first_example=first_question)
+        batch, stats = rollout_fn(model_config, rollout_params(), tokenizer,
+                                  questions[my_questions], train_engine,
+                                  rollout_config=settings.rollout, sampler=settings.sampler,
+                                  rng=key, noise_probability=p_noise,
+                                  batch_lengths=(prompt_length, response_length),
+                                  placement=meshes.rollout, first_example=first_question)
         t_rollout = time.perf_counter() - t0
         batch = _trim_response(batch, response_length)
         t1 = time.perf_counter()

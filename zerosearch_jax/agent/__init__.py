@@ -1,6 +1,6 @@
 """The search agent: the ZeroSearch policy template and the multi-turn rollout."""
 
-from zerosearch_jax.agent import warmup
+from zerosearch_jax.agent import episode, warmup
 from zerosearch_jax.agent.rollout import (
     EpisodeStats,
     RolloutBatch,
@@ -23,6 +23,6 @@ from zerosearch_jax.agent.template import (
 
 __all__ = [
     "INVALID_ACTION", "POLICY_TEMPLATE", "STOP_TAGS", "Action", "EpisodeStats", "RolloutBatch",
-    "RolloutConfig", "SearchCall", "assemble_batch", "information_block", "observation_ids",
-    "parse_action", "policy_prompt", "prompt_ids", "rollout", "warmup",
+    "RolloutConfig", "SearchCall", "assemble_batch", "episode", "information_block",
+    "observation_ids", "parse_action", "policy_prompt", "prompt_ids", "rollout", "warmup",
 ]

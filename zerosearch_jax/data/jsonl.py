@@ -28,15 +28,23 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Mapping[str, Any] | str]
     """(`file:line`, record) for every non-blank line; the record is an error message (a `str`)
     where the line is not a JSON object. Line numbers are 1-based."""
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is that line's error alone
+        for line_number, raw in enumerate(f, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, f"not UTF-8 (byte {err.start}: {raw[err.start:err.start + 1]!r})"
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 yield where, f"invalid JSON ({err})"
+                continue
+            except RecursionError:
+                yield where, "JSON nested too deeply"
                 continue
             yield where, record if isinstance(record, dict) else f"not a JSON object: {line!r}"
 

@@ -78,9 +78,28 @@ def _gold_answers(record: Mapping[str, Any]) -> tuple[str, ...]:
     if value is None:
         return ()
     # A single answer may be a bare string or number (years); None/empty entries are dropped.
-    if isinstance(value, str) or not isinstance(value, Iterable):
+    if isinstance(value, (str, int, float)) or not isinstance(value, Iterable):
         value = [value]
-    return tuple(s for s in (str(v).strip() for v in value if v is not None) if s)
+    if isinstance(value, Mapping):
+        raise ValueError(f"gold answers must be a string or a list of strings, got a mapping "
+                         f"{_short(value)}")
+    return tuple(s for s in (_answer_text(v) for v in value if v is not None) if s)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _answer_text(value: Any) -> str:
+    """One gold answer as text: a string, or a finite number (years, counts); anything else
+    (booleans, NaN, containers) is an error, not its `str()`."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+            value, (bool, np.bool_)) and np.isfinite(value):
+        return str(value.item() if isinstance(value, np.generic) else value)
+    raise ValueError(f"a gold answer must be a string or a finite number, got {_short(value)}")
 
 
 def record_to_example(
@@ -184,9 +203,13 @@ def load_jsonl(
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parquet_file = pq.ParquetFile(path)
+    try:
+        parquet_file = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"{path}: not a readable parquet file ({err})") from None
     wanted = ("id", "question", "data_source", "reward_model", *_ANSWER_KEYS)
     columns = [name for name in parquet_file.schema_arrow.names if name in wanted]
     row_number = 0

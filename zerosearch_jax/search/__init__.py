@@ -46,6 +46,7 @@ from zerosearch_jax.search.http import (
 )
 from zerosearch_jax.search.simulator import (
     LLMSimulator,
+    SimulatorPrompt,
     SimulatorServerClient,
     clean_simulator_output,
     simulator_prompt,
@@ -53,6 +54,7 @@ from zerosearch_jax.search.simulator import (
 
 __all__ = [
     "LLMSimulator",
+    "SimulatorPrompt",
     "SimulatorServerClient",
     "clean_simulator_output",
     "simulator_prompt",

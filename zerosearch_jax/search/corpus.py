@@ -61,17 +61,22 @@ class Passage:
 # --------------------------------------------------------------------------- Search-R1 jsonl
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(
-        encoding="utf-8"
-    )
+def _open_bytes(path: Path):
+    # Bytes, decoded line by line: one line that is not UTF-8 is that line's error alone.
+    return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
 
 
-def _parse_searchr1_line(line: str) -> Passage:
+def _parse_searchr1_line(raw: bytes) -> Passage:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusFormatError(f"not UTF-8 (byte {e.start})") from None
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise CorpusFormatError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise CorpusFormatError("JSON nested too deeply") from None
     if not isinstance(record, dict):
         raise CorpusFormatError(f'expected an object {{"id", "contents"}}, got {record!r:.80}')
     missing = [k for k in ("id", "contents") if k not in record]
@@ -97,7 +102,7 @@ def iter_searchr1_jsonl(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(path)
     skipped = 0
-    with _open_text(path) as f:
+    with _open_bytes(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -342,6 +342,8 @@ class SerpAPIClient(PerQueryHTTPEngine):
         super().__init__(topk=topk, retry=retry, max_workers=max_workers)
         self._api_key = api_key
         self.base_url = _check_url(base_url)
+        # urllib3 logs every request URL (with the key) at DEBUG, e.g. under --verbosity=1.
+        _SECRETS.add(api_key, urllib.parse.quote_plus(api_key))
 
     def _redact(self, message: str) -> str:
         # Request errors quote the URL, where the key may appear percent-encoded.
@@ -358,8 +360,36 @@ class SerpAPIClient(PerQueryHTTPEngine):
             for i, r in enumerate(organic, 1)
         )
         # A 200 with "error" and no results is SerpAPI's "no results" answer, not a failure.
-        metadata = {"serpapi_error": response["error"]} if "error" in response else {}
+        metadata = ({"serpapi_error": self._redact(str(response["error"]))}
+                    if "error" in response else {})
         return documents, metadata
+
+
+class _SecretFilter(logging.Filter):
+    """Replaces registered secrets (API keys) with *** in every record of the loggers it is
+    attached to (the HTTP libraries', which log request URLs)."""
+
+    def __init__(self):
+        super().__init__()
+        self._secrets: set[str] = set()
+
+    def add(self, *secrets: str) -> None:
+        self._secrets.update(s for s in secrets if s)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._secrets:
+            message = record.getMessage()
+            redacted = message
+            for secret in self._secrets:
+                redacted = redacted.replace(secret, "***")
+            if redacted != message:
+                record.msg, record.args = redacted, ()
+        return True
+
+
+_SECRETS = _SecretFilter()
+for _name in ("urllib3", "urllib3.connectionpool", "requests"):
+    logging.getLogger(_name).addFilter(_SECRETS)
 
 
 def _parse_serpapi(response: Any) -> dict:

@@ -10,11 +10,15 @@ Endpoints (what Search-R1's retriever serves, so its clients work unchanged):
 
 - `POST /retrieve` `{"queries": [str, ...], "topk": int (optional), "return_scores": bool}` ->
   `{"result": [[{"document": {"id", "contents"}, "score": float}, ...], ...]}`, or lists of bare
-  documents when `return_scores` is false. A malformed request gets 400 `{"error": why}`.
+  documents when `return_scores` is false. A malformed request gets 400 `{"error": why}`, as
+  does one over the size limits (`MAX_QUERIES` queries, `MAX_TOPK` per query, `MAX_RESULTS`
+  passages in all) or nested too deeply; a body over `MAX_BODY_BYTES` gets 413.
 - `GET /health` -> `{"status": "ok", "num_passages": N, "topk": k}`.
 
 Only the standard library's `ThreadingHTTPServer` is used: BM25 scoring is read-only numpy, so
-requests are served concurrently without locks.
+requests are served concurrently without locks. The listen backlog holds 1024 pending
+connections (a burst of clients is queued, not reset), and a connection idle or stalled for
+`IDLE_TIMEOUT_S` is closed, so idle clients cannot hold threads forever.
 """
 
 from __future__ import annotations
@@ -34,6 +38,14 @@ from zerosearch_jax.search.bm25 import BM25SearchEngine
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+# A request asks for at most this many passages in all (queries x topk) and this many per
+# query: a response, and the server's memory for it, stays bounded whatever the corpus size.
+MAX_QUERIES = 4096
+MAX_TOPK = 100
+MAX_RESULTS = 100_000
+# Seconds a connection may sit idle (or half-sent) before the server closes it and frees its
+# thread.
+IDLE_TIMEOUT_S = 30.0
 REQUEST_SHAPE = '{"queries": [str, ...], "topk": int, "return_scores": bool}'
 
 
@@ -47,6 +59,8 @@ def parse_retrieve_request(body: bytes) -> tuple[list[str], int | None, bool]:
         request = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadRequest(f"body is not valid JSON ({e}); expected {REQUEST_SHAPE}") from None
+    except RecursionError:
+        raise BadRequest(f"body nests too deeply; expected {REQUEST_SHAPE}") from None
     if not isinstance(request, dict):
         raise BadRequest(f"expected a JSON object {REQUEST_SHAPE}, got {request!r:.100}")
     queries = request.get("queries")
@@ -55,6 +69,13 @@ def parse_retrieve_request(body: bytes) -> tuple[list[str], int | None, bool]:
     topk = request.get("topk")
     if topk is not None and (not isinstance(topk, int) or isinstance(topk, bool) or topk < 1):
         raise BadRequest(f'"topk" must be a positive integer, got {topk!r:.100}')
+    if len(queries) > MAX_QUERIES:
+        raise BadRequest(f"{len(queries)} queries in one request; at most {MAX_QUERIES}")
+    if topk is not None and topk > MAX_TOPK:
+        raise BadRequest(f'"topk" = {topk}; at most {MAX_TOPK}')
+    if len(queries) * (topk or 1) > MAX_RESULTS:
+        raise BadRequest(f"{len(queries)} queries x topk {topk} passages; at most "
+                         f"{MAX_RESULTS} in one request")
     return_scores = request.get("return_scores", False)
     if not isinstance(return_scores, bool):
         raise BadRequest(f'"return_scores" must be true or false, got {return_scores!r:.100}')
@@ -65,6 +86,8 @@ class RetrievalServer(ThreadingHTTPServer):
     """A threaded HTTP server that owns the engine its handlers query."""
 
     daemon_threads = True
+    # socketserver's default listen backlog of 5 resets connections under a burst of clients.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], engine: BM25SearchEngine) -> None:
         self.engine = engine
@@ -74,6 +97,7 @@ class RetrievalServer(ThreadingHTTPServer):
 class _RetrievalHandler(BaseHTTPRequestHandler):
     # HTTP/1.1 keeps connections alive, so a client's session reuses one socket per worker.
     protocol_version = "HTTP/1.1"
+    timeout = IDLE_TIMEOUT_S  # socket timeout: an idle or stalled client loses its connection
     server: RetrievalServer
 
     def do_GET(self) -> None:

@@ -13,6 +13,7 @@ where p_noise is the curriculum's current value (`noise_probability`, set by the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -137,6 +138,73 @@ def simulator_prompt(query: str, context: QueryContext, useful: bool,
                            question=context.question, answer=answer)
 
 
+_FIELDS = ("question", "answer", "query")
+_SENTINEL = re.compile("\x00(" + "|".join(_FIELDS) + ")\x00")
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulatorPrompt:
+    """The simulator's chat prompt as token pieces: constant ids and the fields `question`,
+    `answer`, `query`, for the useful and the noisy variant.
+
+    Every path builds the prompt from these pieces (the in-graph rollout on device, the host
+    `LLMSimulator`, the SFT examples), so a tuned simulator sees at RL time exactly the tokens
+    it was tuned on. A space before a field belongs to the field (` Paris`, as the policy writes
+    a query after `<search>`), so no piece boundary splits a word from its space.
+    """
+
+    useful: tuple[tuple[int, ...] | str, ...]
+    noisy: tuple[tuple[int, ...] | str, ...]
+    spaced: frozenset[str]  # fields written with a leading space
+
+    @classmethod
+    def make(cls, tokenizer, variant: str = "finetuned") -> SimulatorPrompt:
+        marks = {f: f"\x00{f}\x00" for f in _FIELDS}
+        context = QueryContext(marks["question"], (marks["answer"],))
+        variants, spaced = [], set()
+        for useful in (True, False):
+            text = tokenizer.chat_prompt(
+                simulator_prompt(marks["query"], context, useful, variant), system="")
+            parts = _SENTINEL.split(text)  # text, field, text, field, ..., text
+            pieces: list = []
+            for i, part in enumerate(parts):
+                if i % 2:
+                    pieces.append(part)
+                    continue
+                if i + 1 < len(parts) and part.endswith(" "):
+                    part = part[:-1]
+                    spaced.add(parts[i + 1])
+                if part:
+                    pieces.append(tuple(tokenizer.encode(part)))
+            variants.append(tuple(pieces))
+        return cls(variants[0], variants[1], frozenset(spaced))
+
+    def pieces(self, useful: bool) -> tuple[tuple[int, ...] | str, ...]:
+        return self.useful if useful else self.noisy
+
+    @property
+    def max_constant_length(self) -> int:
+        return max(sum(len(p) for p in v if not isinstance(p, str))
+                   for v in (self.useful, self.noisy))
+
+    def field_ids(self, tokenizer, name: str, value: str) -> list[int]:
+        """A field's ids: its text stripped, with a leading space where the template has one."""
+        value = value.strip()
+        if not value:
+            return []
+        return tokenizer.encode(" " + value if name in self.spaced else value)
+
+    def ids(self, tokenizer, query: str, context: QueryContext, useful: bool) -> list[int]:
+        """The whole prompt's ids on the host (queries as text)."""
+        values = {"question": context.question, "query": query,
+                  "answer": context.golden_answers[0] if context.golden_answers else ""}
+        out: list[int] = []
+        for piece in self.pieces(useful):
+            out += self.field_ids(tokenizer, piece, values[piece]) if isinstance(piece, str) \
+                else list(piece)
+        return out
+
+
 def clean_simulator_output(text: str, topk: int = 5) -> tuple[str, ...]:
     """Upstream clean-up: blank lines collapsed, cut at `Doc {topk+1}`; one document a line."""
     text = text.split(f"Doc {topk + 1}")[0]
@@ -222,6 +290,8 @@ class LLMSimulator(_SimulatorMixin, SearchEngine):
         self.batch_size = batch_size
         self._sampler = sampling.Temperature(temperature)
         self._stop = sampling.StopConditions.for_tokenizer(tokenizer, [f"Doc {topk + 1}"])
+        self.prompt = SimulatorPrompt.make(tokenizer, variant)
+        self.temperature = temperature
         self._key = jax.random.key(seed)
         self._calls = 0
         self.generated_tokens = 0  # tokens the simulator sampled, for throughput reports
@@ -248,10 +318,12 @@ class LLMSimulator(_SimulatorMixin, SearchEngine):
         start = time.perf_counter()
         useful, prompts = self._plan(queries, contexts)
         prefix = "Doc 1:" if self.prime_reply else ""
-        texts = [self.tokenizer.chat_prompt(p, system="") + prefix for p in prompts]
+        prefix_ids = self.tokenizer.encode(prefix) if prefix else []
+        ids = [self.prompt.ids(self.tokenizer, q, c, u) + prefix_ids
+               for q, c, u in zip(queries, contexts, useful, strict=True)]
         self._calls += 1
         out = sampling.generate(
-            self.config, self.params, [self.tokenizer.encode(t) for t in texts], self._sampler,
+            self.config, self.params, ids, self._sampler,
             max_new_tokens=self.max_new_tokens, stop=self._stop,
             rng=jax.random.fold_in(self._key, self._calls), placement=self.placement,
             min_batch=self.batch_size)

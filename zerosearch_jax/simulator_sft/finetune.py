@@ -24,6 +24,8 @@ import optax
 from zerosearch_jax import models
 from zerosearch_jax.data.iterator import DataIterator
 from zerosearch_jax.rl import train_step as ts
+from zerosearch_jax.search.base import QueryContext
+from zerosearch_jax.search.simulator import SimulatorPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +66,14 @@ def encode(tokenizer, examples: Sequence[dict], max_length: int) -> tuple[dict, 
     loss_mask = np.zeros((N, T), np.float32)
     attention = np.zeros((N, T), bool)
     cut = 0
+    assembly = SimulatorPrompt.make(tokenizer, "finetuned")
     for i, e in enumerate(examples):
-        prompt = tokenizer.encode(tokenizer.chat_prompt(e["prompt"], system=""))
+        if {"query", "question", "golden_answers", "label"} <= e.keys():
+            # The token assembly the simulator is prompted with at RL time.
+            context = QueryContext(e["question"], tuple(e["golden_answers"]))
+            prompt = assembly.ids(tokenizer, e["query"], context, e["label"] == "useful")
+        else:  # a record with only its prompt text
+            prompt = tokenizer.encode(tokenizer.chat_prompt(e["prompt"], system=""))
         target = tokenizer.encode(e["target"]) + [tokenizer.eos_ids[0]]
         if len(prompt) >= T:
             raise ValueError(f"example {e.get('id')!r}: its prompt alone has {len(prompt)} "

@@ -109,6 +109,15 @@ def is_exported(hf_dir: str) -> bool:
 def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> str:
     """Runs (or finishes) every stage; returns the tuned simulator's HF directory."""
     settings = build_settings(c)
+    # The models exist before collection spends time (or paid search calls).
+    for key in ("simulator", "collect.policy"):
+        name = c.simulator if key == "simulator" else c.collect.policy
+        if key == "collect.policy" and not c.data.num_questions:
+            continue
+        try:
+            models.resolve_model(name)
+        except models.WeightsError as e:
+            raise ConfigError(f"config.{key}: {e}") from None
     os.makedirs(workdir, exist_ok=True)
     hf_dir = os.path.join(workdir, "hf")
     with open(os.path.join(workdir, "config.json"), "w") as f:
