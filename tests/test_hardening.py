@@ -81,6 +81,9 @@ def test_questions_too_long_for_the_prompt_follow_on_error(smollm2_tokenizer, ca
     ("simulator.max_new_tokens", -1, "config.simulator.max_new_tokens = -1"),
     ("max_nonfinite_steps", -1, "config.max_nonfinite_steps = -1"),
     ("rollout.engine", "fast", "config.rollout.engine = 'fast'"),
+    ("simulator.variant", "tuned", "config.simulator.variant = 'tuned'"),
+    ("validation.topk", 0, "config.validation.topk = 0"),
+    ("optim.b2", 1.0, "config.optim.b2 = 1.0"),
 ])
 def test_config_gaps_name_the_key(key, value, match):
     c = default_config.get_config()

@@ -87,6 +87,19 @@ def build_settings(c: ml_collections.ConfigDict) -> Settings:
     _check(c.validation.engine in ("bm25", "searchr1", "serpapi"), "validation.engine",
            c.validation.engine, "bm25, searchr1 or serpapi")
     _check(c.validation.every >= 1, "validation.every", c.validation.every, ">= 1")
+    _check(c.validation.topk >= 1, "validation.topk", c.validation.topk, ">= 1")
+    _check(c.data.validation_size >= 1, "data.validation_size", c.data.validation_size, ">= 1")
+    _check(c.validation.engine != "searchr1" or bool(c.validation.url), "validation.url",
+           c.validation.url, "the retriever's URL with validation.engine = searchr1")
+    _check(c.simulator.kind not in ("server", "searchr1") or bool(c.simulator.url),
+           "simulator.url", c.simulator.url, f"the endpoint with simulator.kind = "
+           f"{c.simulator.kind}")
+    _check(c.simulator.variant in search.simulator.SIMULATOR_VARIANTS, "simulator.variant",
+           c.simulator.variant, " or ".join(search.simulator.SIMULATOR_VARIANTS))
+    for key in ("b1", "b2"):
+        _check(0 <= c.optim[key] < 1, f"optim.{key}", c.optim[key], "in [0, 1)")
+    _check(c.optim.weight_decay >= 0, "optim.weight_decay", c.optim.weight_decay, ">= 0")
+    _check(c.optim.grad_clip > 0, "optim.grad_clip", c.optim.grad_clip, "> 0")
     _check(c.checkpoint.every >= 1, "checkpoint.every", c.checkpoint.every, ">= 1")
     _check(c.checkpoint.keep >= 1, "checkpoint.keep", c.checkpoint.keep, ">= 1")
     _check(c.data.on_error in ("raise", "skip"), "data.on_error", c.data.on_error,

@@ -661,7 +661,12 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer, examples, 
     import time
 
     from zerosearch_jax import rewards
-    from zerosearch_jax.agent.rollout import EpisodeStats, RolloutBatch, SearchCall, prompt_ids
+    from zerosearch_jax.agent.rollout import (
+        EpisodeStats,
+        RolloutBatch,
+        SearchCall,
+        checked_prompt_ids,
+    )
     from zerosearch_jax.search.simulator import clean_simulator_output
 
     rc = rollout_config
@@ -674,13 +679,7 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer, examples, 
     Q, B = len(examples), len(examples) * n
     if placement is not None and B % placement.batch_shards:
         raise ValueError(f"{B} rows do not split over {placement.batch_shards} batch shards")
-    prompts = []
-    for ex in examples:
-        ids = prompt_ids(tokenizer, ex.question, rc.chat_template)
-        if len(ids) > rc.max_prompt_tokens:
-            raise ValueError(f"question {ex.id!r}: prompt has {len(ids)} tokens, more than "
-                             f"max_prompt_tokens={rc.max_prompt_tokens}")
-        prompts.append(ids)
+    prompts = [checked_prompt_ids(tokenizer, ex, rc) for ex in examples]
     P = sampling.bucket_length(max(map(len, prompts)))
     if batch_lengths is not None:
         P = max(P, batch_lengths[0])

@@ -215,6 +215,17 @@ def prompt_ids(tokenizer: Tokenizer, question: str, chat_template: bool = True) 
     return tokenizer.encode(tokenizer.chat_prompt(text) if chat_template else text)
 
 
+def checked_prompt_ids(tokenizer: Tokenizer, example: QAExample,
+                       rollout_config: RolloutConfig) -> list[int]:
+    """`prompt_ids` of the example, a ValueError naming it when they pass max_prompt_tokens."""
+    rc = rollout_config
+    ids = prompt_ids(tokenizer, example.question, rc.chat_template)
+    if len(ids) > rc.max_prompt_tokens:
+        raise ValueError(f"question {example.id!r}: prompt has {len(ids)} tokens, more than "
+                         f"max_prompt_tokens={rc.max_prompt_tokens}")
+    return ids
+
+
 def observation_ids(tokenizer: Tokenizer, text: str, cap: int) -> np.ndarray:
     """Token ids of an observation, at most `cap`: an information block loses documents from
     its end, never its wrapper tags; other text is cut at the end."""
@@ -308,13 +319,7 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
     rows = [ex for ex in examples for _ in range(rc.samples_per_prompt)]
     group = first_example + np.repeat(np.arange(len(examples)), rc.samples_per_prompt)
     B = len(rows)
-    prompts = []
-    for ex in rows:
-        ids = prompt_ids(tokenizer, ex.question, rc.chat_template)
-        if len(ids) > rc.max_prompt_tokens:
-            raise ValueError(f"question {ex.id!r}: prompt has {len(ids)} tokens, more than "
-                             f"max_prompt_tokens={rc.max_prompt_tokens}")
-        prompts.append(np.asarray(ids, np.int32))
+    prompts = [np.asarray(checked_prompt_ids(tokenizer, ex, rc), np.int32) for ex in rows]
 
     Bp = sampling.bucket_batch(B, 1 if placement is None else placement.batch_shards)
     P = sampling.bucket_length(max(len(p) for p in prompts))
