@@ -19,9 +19,9 @@ from zerosearch_jax.data.qa import (
     load_hf_dataset,
     load_jsonl,
     load_parquet,
-    load_qa,
     sample,
 )
+from zerosearch_jax.data.sources import load_qa
 from zerosearch_jax.data.tfds_builder import (
     examples_to_tfds_features,
     make_builder_class,

@@ -50,7 +50,8 @@ import numpy as np
 from zerosearch_jax import agent, rewards, sampling, search
 from zerosearch_jax.cli import setup_logging
 from zerosearch_jax.data import qa
-from zerosearch_jax.train import ConfigError
+from zerosearch_jax.data.sources import load_qa
+from zerosearch_jax.inputs import ConfigError
 
 logger = logging.getLogger("zerosearch_jax.evaluate")
 
@@ -99,7 +100,7 @@ COT_ANSWER_PRIME = "\nTherefore, the final answer is <answer>"
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """name: the table column; source: what `qa.load_qa` reads (a file or an `hf:` id)."""
+    """name: the table column; source: what `data.load_qa` reads (a file or an `hf:` id)."""
 
     name: str
     source: str
@@ -127,7 +128,7 @@ def resolve_dataset(part: str, data_dir: str = "") -> DatasetSpec:
     """One entry of `config.datasets` -> (display name, source).
 
     `DISPLAY=SOURCE` names a source; a .jsonl / .parquet path is used as given (name: the file
-    stem); `hf:NAME[:CONFIG]` / `tfds:...` ids go to `qa.load_qa` (name: the config or the id);
+    stem); `hf:NAME[:CONFIG]` / `tfds:...` ids go to `data.load_qa` (name: the config or the id);
     a bare FlashRAG name is `<data_dir>/<name>_test.jsonl` (or `_dev.jsonl`, or the upstream
     `_search_test.parquet`) when present, else `hf:RUC-NLPIR/FlashRAG_datasets:<name>`, whose
     split `qa.load_hf_dataset` picks: test, else dev.
@@ -227,7 +228,7 @@ def load_datasets(settings: Settings, c: ml_collections.ConfigDict) -> dict[str,
     """display name -> the fixed-seed sample of its questions (`qa.sample`, original order)."""
     out = {}
     for spec in settings.datasets:
-        examples = qa.load_qa(spec.source, on_error=c.on_error)
+        examples = load_qa(spec.source, on_error=c.on_error)
         if not examples:
             raise qa.DataError(f"{spec.source}: no questions")
         ids = [e.id for e in examples]

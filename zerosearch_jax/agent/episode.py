@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,10 +49,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zerosearch_jax import models, sampling
+from zerosearch_jax import models, rewards, sampling
+from zerosearch_jax.agent.rollout import (
+    EpisodeStats,
+    RolloutBatch,
+    SearchCall,
+    checked_prompt_ids,
+)
 from zerosearch_jax.agent.template import INVALID_ACTION, STOP_TAGS
 from zerosearch_jax.search.base import NO_INFORMATION
-from zerosearch_jax.search.simulator import SimulatorPrompt
+from zerosearch_jax.search.simulator import (
+    LLMSimulator,
+    SimulatorPrompt,
+    clean_simulator_output,
+)
 from zerosearch_jax.tokenizer import StopPattern, Tokenizer
 
 Array = jax.Array
@@ -619,8 +630,6 @@ def run_stepped(spec: EpisodeSpec, policy_params, sim_params,
 
 def supports(engine, tokenizer: Tokenizer, placement=None) -> str | None:
     """None when `engine` can run inside the rollout program, else why not."""
-    from zerosearch_jax.search.simulator import LLMSimulator
-
     if not isinstance(engine, LLMSimulator):
         return f"the engine is {type(engine).__name__}, not the in-process simulator"
     if engine.tokenizer.hf.get_vocab() != tokenizer.hf.get_vocab():
@@ -658,17 +667,6 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer, examples, 
     `rng`). field_widths: (Lq, La) from `field_lengths` (default: this batch's, bucketed).
     Returns (RolloutBatch, EpisodeStats) as `agent.rollout`.
     """
-    import time
-
-    from zerosearch_jax import rewards
-    from zerosearch_jax.agent.rollout import (
-        EpisodeStats,
-        RolloutBatch,
-        SearchCall,
-        checked_prompt_ids,
-    )
-    from zerosearch_jax.search.simulator import clean_simulator_output
-
     rc = rollout_config
     if not examples:
         raise ValueError("rollout needs at least one example")

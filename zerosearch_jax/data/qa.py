@@ -11,8 +11,9 @@ thing the rollout and evaluation code read from the data:
   ignored: the prompt is rebuilt from the question by the rollout code.
 - the Hugging Face hub through `datasets.load_dataset` (e.g. `RUC-NLPIR/FlashRAG_datasets`, `nq`).
 
-`load_qa(source)` picks the loader from the extension or a `hf:` / `tfds:` prefix. A malformed row
-(invalid JSON, missing or empty question or gold answers) is reported with its location
+`data.load_qa(source)` (`data/sources.py`) picks the loader from the extension or a `hf:` /
+`tfds:` prefix. A malformed row (invalid JSON, missing or empty question or gold answers) is
+reported with its location
 (`file:line` for jsonl, `file:row N` for parquet, both 1-based): `on_error="raise"` raises
 `DataError`, `on_error="skip"` logs a warning and drops the row.
 """
@@ -318,37 +319,10 @@ def load_hf_dataset(
     )
 
 
-def load_qa(
-    source: str | Path,
-    split: str | None = None,
-    limit: int | None = None,
-    on_error: OnError = "raise",
-) -> list[QAExample]:
-    """Load QA examples from a file or a dataset id, choosing the loader by its form.
-
-    Args:
-      source: one of
-        - `path/to/file.jsonl` (FlashRAG format) or `path/to/file.parquet` (upstream format);
-        - `hf:NAME` or `hf:NAME:CONFIG`, e.g. `hf:RUC-NLPIR/FlashRAG_datasets:nq`;
-        - `tfds:NAME_OR_DIR`, a prepared TFDS dataset (see `tfds_builder`; needs tensorflow).
-      split: the split of an `hf:` / `tfds:` source (hf default: test, else dev); files hold one
-        split, so it must be None for them.
-      limit: keep at most this many examples (the first ones).
-      on_error: "raise" or "skip" malformed rows.
-    """
-    text = str(source)
-    if text.startswith("hf:"):
-        name, _, config = text[len("hf:") :].partition(":")
-        return load_hf_dataset(name, config or None, split, limit=limit, on_error=on_error)
-    if text.startswith("tfds:"):
-        from zerosearch_jax.data.tfds_builder import load_tfds
-
-        return load_tfds(text[len("tfds:") :], split or "test", limit=limit)
-    if split is not None:
-        raise ValueError(
-            f"split={split!r} applies to 'hf:'/'tfds:' sources only; the file {text!r} holds one "
-            "split"
-        )
+def load_file(path: str | Path, limit: int | None = None,
+              on_error: OnError = "raise") -> list[QAExample]:
+    """A `.jsonl` (FlashRAG) or `.parquet` (upstream) file, the loader chosen by its suffix."""
+    text = str(path)
     suffix = Path(text).suffix.lower()
     if suffix == ".jsonl":
         return load_jsonl(text, limit=limit, on_error=on_error)

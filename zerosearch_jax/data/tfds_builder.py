@@ -1,6 +1,6 @@
 """TensorFlow Datasets (TFDS) builder for QA examples, for TPU jobs that keep data on GCS.
 
-Prepare once from jsonl / parquet files (read with `qa.load_qa`, so the same formats and
+Prepare once from jsonl / parquet files (read with `qa.load_file`, so the same formats and
 validation apply), then read the prepared dataset anywhere, e.g. from `gs://`:
 
     Builder = make_builder_class({"train": "nq_train.parquet", "test": "nq_test.jsonl"})
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from zerosearch_jax.data.qa import QAExample, load_qa
+from zerosearch_jax.data.qa import QAExample, load_file
 
 _INSTALL_HINT = "pip install tensorflow-datasets tensorflow"
 
@@ -70,7 +70,7 @@ def make_builder_class(
     """A `tfds.core.GeneratorBasedBuilder` subclass that prepares `split_files`.
 
     Args:
-      split_files: split name -> QA source understood by `qa.load_qa` (.jsonl / .parquet).
+      split_files: split name -> QA file `qa.load_file` reads (.jsonl / .parquet).
       name: dataset name; prepared data goes to `{data_dir}/{name}/{version}`.
       version: dataset version "MAJOR.MINOR.PATCH".
 
@@ -106,7 +106,7 @@ def make_builder_class(
 
         def _generate_examples(self, path):
             # Keys are row indices: ids are only unique within a source, not guaranteed globally.
-            for index, example in enumerate(load_qa(path)):
+            for index, example in enumerate(load_file(path)):
                 yield index, examples_to_tfds_features(example)
 
     QABuilder.name = name

@@ -10,7 +10,10 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from zerosearch_jax.models.weights import WeightsError
+
+class WeightsError(ValueError):
+    """A weights file that is missing, unsupported or disagrees with its config."""
+
 
 # name -> (python package holding the file, file name inside it)
 EMBEDDED_MODELS = {

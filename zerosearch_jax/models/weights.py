@@ -26,12 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from zerosearch_jax.models.config import ConfigError, ModelConfig, RopeScaling
+from zerosearch_jax.models.hub import WeightsError, resolve_model
 
 logger = logging.getLogger(__name__)
-
-
-class WeightsError(ValueError):
-    """A weights file that is missing, unsupported or disagrees with its config."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,8 +424,6 @@ def load_pretrained(path: str, dtype=jnp.float32, *, place=None) -> tuple[ModelC
     dtype: parameter dtype (float32 or bfloat16).
     place: optional `place(path, np_array) -> jax.Array` to shard while loading.
     """
-    from zerosearch_jax.models.hub import resolve_model
-
     resolved = resolve_model(path)
     if resolved.endswith(".gguf"):
         source = GGUFSource(resolved)

@@ -29,12 +29,12 @@ from zerosearch_jax import agent, models, sampling, search
 from zerosearch_jax.cli import setup_logging
 from zerosearch_jax.data import qa
 from zerosearch_jax.data.jsonl import read_jsonl, write_jsonl_atomic
+from zerosearch_jax.inputs import ConfigError, load_examples, make_real_engine
 from zerosearch_jax.simulator_sft import collect as collect_lib
 from zerosearch_jax.simulator_sft import finetune as finetune_lib
 from zerosearch_jax.simulator_sft import label as label_lib
 from zerosearch_jax.simulator_sft import report as report_lib
 from zerosearch_jax.tokenizer import Tokenizer
-from zerosearch_jax.train import ConfigError, load_examples, make_real_engine
 
 logger = logging.getLogger("zerosearch_jax.simulator_sft")
 

@@ -1,0 +1,113 @@
+"""What a run reads through its config: questions, models, real search engines.
+
+Shared by the trainer, evaluation and the simulator-tuning pipeline (which must not reach up
+into the trainer for them); every error names the config key it comes from (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import ml_collections
+
+from zerosearch_jax import agent, models, search
+from zerosearch_jax.data import qa, synthetic
+from zerosearch_jax.data.sources import load_qa
+from zerosearch_jax.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, named with its key."""
+
+
+def load_examples(spec: str, c: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None,
+                  rollout: agent.RolloutConfig | None = None,
+                  key: str = "data") -> list[qa.QAExample]:
+    """`synthetic:<split>`, or comma-separated files / `hf:` ids (e.g. NQ + HotpotQA).
+
+    With a tokenizer and a rollout config, every question is also checked against
+    `rollout.max_prompt_tokens` here, at load: a question that cannot be rolled out follows
+    `data.on_error` (skipped with a warning, or an error naming it) instead of failing the step
+    that draws it, at the same step on every resume. `key` names the config key in errors.
+    """
+    out: list[qa.QAExample] = []
+    for part in (s.strip() for s in spec.split(",") if s.strip()):
+        if part.startswith("synthetic:"):
+            world = synthetic.build_world(synthetic.WorldConfig(seed=c.data.synthetic_seed))
+            out += world.questions(part.split(":", 1)[1])
+            continue
+        try:
+            out += load_qa(part, on_error=c.data.on_error)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config.{key}: {e}") from None
+    if tokenizer is not None and rollout is not None:
+        out = admissible(out, tokenizer, rollout, c.data.on_error)
+    if not out:
+        raise ConfigError(f"config.{key}: no usable questions in {spec!r}")
+    return out
+
+
+def admissible(examples, tokenizer: Tokenizer, rollout: agent.RolloutConfig,
+               on_error: str) -> list[qa.QAExample]:
+    """The examples whose policy prompt fits `rollout.max_prompt_tokens`; the others raise a
+    `DataError` or are skipped with a warning (`on_error`). A question far longer than any
+    prompt (over 32 characters a token) is refused before it is tokenized."""
+    kept = []
+    for ex in examples:
+        if len(ex.question) > 32 * rollout.max_prompt_tokens:
+            why = f"{len(ex.question)} characters"
+        else:
+            n = len(agent.prompt_ids(tokenizer, ex.question, rollout.chat_template))
+            if n <= rollout.max_prompt_tokens:
+                kept.append(ex)
+                continue
+            why = f"{n} tokens"
+        message = (f"question {ex.id!r} ({ex.data_source}): its prompt has {why}, more than "
+                   f"rollout.max_prompt_tokens={rollout.max_prompt_tokens}")
+        if on_error == "raise":
+            raise qa.DataError(message)
+        logger.warning("skipping %s", message)
+    return kept
+
+
+def world_passages(c) -> list[search.Passage]:
+    world = synthetic.build_world(synthetic.WorldConfig(seed=c.data.synthetic_seed))
+    return [search.Passage.from_contents(p["id"], p["contents"]) for p in world.passages]
+
+
+def make_real_engine(kind: str, c: ml_collections.ConfigDict, *, corpus: str = "",
+                     url: str = "", topk: int = 3) -> search.SearchEngine:
+    """A real engine: `bm25` over the synthetic world's passages (corpus "") or a corpus
+    ("wiki" or a Search-R1 jsonl), the Search-R1 HTTP retriever at `url`, or SerpAPI."""
+    if kind == "bm25":
+        passages = world_passages(c) if not corpus else search.load_corpus(corpus)
+        return search.BM25SearchEngine.build(passages, topk=topk)
+    if kind == "searchr1":
+        return search.SearchR1RetrieverClient(url, topk=topk)
+    if kind == "serpapi":
+        return search.SerpAPIClient(topk=topk)
+    raise ConfigError(f"engine {kind!r}: expected bm25, searchr1 or serpapi")
+
+
+def make_validation_engine(c: ml_collections.ConfigDict) -> search.SearchEngine:
+    v = c.validation
+    try:
+        return make_real_engine(v.engine, c, corpus=v.corpus, url=v.url, topk=v.topk)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config.validation.corpus: {e}") from None
+
+
+def check_models(c: ml_collections.ConfigDict) -> None:
+    """Every model the run will load exists (a path, an embedded name, or a hub id it can
+    fetch), before any stage spends time: the error names the key."""
+    keys = [("policy", c.policy), ("tokenizer", c.tokenizer)]
+    if c.simulator.kind == "llm":
+        keys.append(("simulator.model", c.simulator.model))
+    for key, name in keys:
+        if name:
+            try:
+                models.resolve_model(name)
+            except models.WeightsError as e:
+                raise ConfigError(f"config.{key}: {e}") from None
