@@ -11,7 +11,8 @@ Layers, lowest first (a module may import its own layer and those below):
     drivers   train, evaluate, sweep, chat
 
 Imports anywhere in a file count (inside functions too): a cycle hidden in a function is
-still a cycle.
+still a cycle. A module's private names (a leading underscore) stay in their module: no other
+module imports them.
 """
 
 import ast
@@ -113,3 +114,14 @@ def test_no_import_cycles():
         if node not in index:
             visit(node)
     assert not cycles, cycles
+
+
+def test_no_private_name_is_imported_from_another_module():
+    private = []
+    for path in _modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and \
+                    node.module.startswith("zerosearch_jax"):
+                private += [f"{path.name}: from {node.module} import {a.name}"
+                           for a in node.names if a.name.startswith("_")]
+    assert not private, "\n".join(private)

@@ -31,7 +31,7 @@ from zerosearch_jax.agent import (
     policy_prompt,
     rollout,
 )
-from zerosearch_jax.agent.rollout import _Piece
+from zerosearch_jax.agent.rollout import Piece
 from zerosearch_jax.data.qa import QAExample
 from zerosearch_jax.data.synthetic import WorldConfig, build_world
 from zerosearch_jax.search import (
@@ -381,11 +381,11 @@ def test_assemble_batch_places_pieces_masks_and_reward():
     prompts = [np.array([1, 2, 3], np.int32), np.array([4, 5], np.int32),
                np.array([6], np.int32)]
     pieces = [
-        [_Piece(np.array([10, 11], np.int32), True, np.array([-0.1, -0.2], np.float32)),
-         _Piece(np.array([20, 21, 22], np.int32), False),
-         _Piece(np.array([12], np.int32), True, np.array([-0.3], np.float32))],
-        [_Piece(np.array([13], np.int32), True, np.array([-0.5], np.float32)),
-         _Piece(np.array([23, 24], np.int32), False)],
+        [Piece(np.array([10, 11], np.int32), True, np.array([-0.1, -0.2], np.float32)),
+         Piece(np.array([20, 21, 22], np.int32), False),
+         Piece(np.array([12], np.int32), True, np.array([-0.3], np.float32))],
+        [Piece(np.array([13], np.int32), True, np.array([-0.5], np.float32)),
+         Piece(np.array([23, 24], np.int32), False)],
         [],  # an episode cut before its first turn
     ]
     batch = assemble_batch(prompts, pieces, np.array([0.5, 1.0, 0.7]), np.array([0, 0, 1]),

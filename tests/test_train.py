@@ -203,12 +203,12 @@ def test_every_config_file_validates(name):
 
 def test_trim_response_keeps_every_real_token_and_rounds_up():
     from zerosearch_jax import agent, train
-    from zerosearch_jax.agent.rollout import _Piece
+    from zerosearch_jax.agent.rollout import Piece
 
     P, R = 4, 448
     rows = [(3, 10), (4, 130)]  # (prompt, response) lengths
     prompts = [np.arange(1, p + 1, dtype=np.int32) for p, _ in rows]
-    pieces = [[_Piece(np.full(r, 7, np.int32), True, np.zeros(r, np.float32))]
+    pieces = [[Piece(np.full(r, 7, np.int32), True, np.zeros(r, np.float32))]
               for _, r in rows]
     batch = agent.assemble_batch(prompts, pieces, np.array([1.0, 0.5], np.float32),
                                  np.arange(2), pad_id=0, prompt_length=P, response_length=R)

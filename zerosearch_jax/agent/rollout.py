@@ -160,7 +160,7 @@ class EpisodeStats:
 
 
 @dataclasses.dataclass
-class _Piece:
+class Piece:
     ids: np.ndarray  # [n] int32
     policy: bool
     logprobs: np.ndarray | None = None  # [n] float32 for policy pieces
@@ -241,7 +241,7 @@ def observation_ids(tokenizer: Tokenizer, text: str, cap: int) -> np.ndarray:
     return np.asarray(ids[:cap], np.int32)
 
 
-def assemble_batch(prompts: Sequence[np.ndarray], pieces: Sequence[Sequence[_Piece]],
+def assemble_batch(prompts: Sequence[np.ndarray], pieces: Sequence[Sequence[Piece]],
                    episode_rewards: np.ndarray, group: np.ndarray, pad_id: int,
                    prompt_length: int | None = None,
                    response_length: int | None = None) -> RolloutBatch:
@@ -351,7 +351,7 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
     used = P
 
     done = np.arange(Bp) >= B
-    pieces: list[list[_Piece]] = [[] for _ in range(B)]
+    pieces: list[list[Piece]] = [[] for _ in range(B)]
     real_len = np.array([len(p) for p in prompts] + [0] * (Bp - B))
     searches = np.zeros(B, np.int32)
     engine_calls = np.zeros(B, np.int32)
@@ -398,7 +398,7 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
             n = int(lens[i]) - int(ends_on_eos[i])
             generated += n
             real_len[i] += n
-            pieces[i].append(_Piece(toks[i, :n].copy(), True, lps[i, :n].copy()))
+            pieces[i].append(Piece(toks[i, :n].copy(), True, lps[i, :n].copy()))
             action = parse_action(tokenizer.decode(toks[i, :n]))
             if action.kind == "search":
                 searches[i] += 1
@@ -438,7 +438,7 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
         for i, o in obs_ids.items():
             chunk[i, width - len(o):] = o
             chunk_mask[i, width - len(o):] = True
-            pieces[i].append(_Piece(o, False))
+            pieces[i].append(Piece(o, False))
             real_len[i] += len(o)
         # Rows that are done contribute masked padding; their next logits are unused.
         logits, cache = _extend(config, params, on_device(chunk), on_device(chunk_mask), cache,

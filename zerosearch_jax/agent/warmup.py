@@ -33,8 +33,8 @@ import numpy as np
 
 from zerosearch_jax import rewards
 from zerosearch_jax.agent.rollout import (
+    Piece,
     RolloutConfig,
-    _Piece,
     assemble_batch,
     observation_ids,
     prompt_ids,
@@ -149,9 +149,9 @@ def encode_demonstrations(tokenizer: Tokenizer, demos: Sequence[Demonstration],
         for text, policy in d.turns():
             if policy:
                 ids = np.asarray(tokenizer.encode(text)[:rc.max_new_tokens], np.int32)
-                row.append(_Piece(ids, True, np.zeros(len(ids), np.float32)))
+                row.append(Piece(ids, True, np.zeros(len(ids), np.float32)))
             else:
-                row.append(_Piece(observation_ids(tokenizer, text, rc.max_obs_tokens), False))
+                row.append(Piece(observation_ids(tokenizer, text, rc.max_obs_tokens), False))
         pieces.append(row)
     batch = assemble_batch(prompts, pieces, np.zeros(len(demos), np.float32),
                            np.arange(len(demos)), tokenizer.pad_id)

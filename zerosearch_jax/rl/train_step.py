@@ -320,7 +320,7 @@ def _accumulate(loss_fn: Callable, params, micro_batch: Callable, n_micro: Array
     return jax.lax.fori_loop(0, n_micro, body, (zeros, metric_zeros))
 
 
-def _apply_if_finite(optimizer, grads, params, opt_state, loss, grad_norm=None):
+def apply_if_finite(optimizer, grads, params, opt_state, loss, grad_norm=None):
     """One optimizer step, skipped (state kept) if the loss or any gradient is not finite.
 
     Finiteness is read from the global gradient norm (a nan or inf anywhere makes it
@@ -402,7 +402,7 @@ def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
                                      micro_batch, n_micro)
         metrics = {k: v / count for k, v in metrics.items()}
         metrics["grad_norm"] = optax.global_norm(grads)
-        params, opt_state, finite = _apply_if_finite(actor_opt, grads, state.params,
+        params, opt_state, finite = apply_if_finite(actor_opt, grads, state.params,
                                                      state.opt_state, metrics["loss"],
                                                      metrics["grad_norm"])
         metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
@@ -412,7 +412,7 @@ def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
                                      micro_batch, n_micro)
             metrics["vf_loss"] = cm["vf_loss"] / count
             metrics["critic_grad_norm"] = optax.global_norm(cgrads)
-            critic_params, critic_opt_state, cfinite = _apply_if_finite(
+            critic_params, critic_opt_state, cfinite = apply_if_finite(
                 critic_opt, cgrads, critic_params, critic_opt_state, metrics["vf_loss"],
                 metrics["critic_grad_norm"])
             metrics["nonfinite"] = jnp.maximum(metrics["nonfinite"], 1.0 - cfinite)

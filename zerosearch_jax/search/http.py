@@ -82,7 +82,7 @@ class ProtocolError(ValueError):
     """A response that is valid JSON but not what the protocol promises (retried)."""
 
 
-def _check_url(url: str) -> str:
+def check_url(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(
@@ -218,7 +218,7 @@ class SearchR1RetrieverClient(HTTPSearchEngine):
 
     def __init__(self, url: str, topk: int = 3, *, retry: RetryPolicy | None = None) -> None:
         super().__init__(topk=topk, retry=retry)
-        self.url = _check_url(url)
+        self.url = check_url(url)
 
     def _search(
         self, queries: list[str], contexts: Sequence[QueryContext] | None
@@ -297,7 +297,7 @@ class ZeroSearchWikiClient(PerQueryHTTPEngine):
         max_workers: int = 8,
     ) -> None:
         super().__init__(topk=topk, retry=retry, max_workers=max_workers)
-        self.url = _check_url(url)
+        self.url = check_url(url)
 
     def _request_one(self, query: str) -> tuple[tuple[str, ...], dict]:
         texts = self._request(
@@ -341,7 +341,7 @@ class SerpAPIClient(PerQueryHTTPEngine):
             )
         super().__init__(topk=topk, retry=retry, max_workers=max_workers)
         self._api_key = api_key
-        self.base_url = _check_url(base_url)
+        self.base_url = check_url(base_url)
         # urllib3 logs every request URL (with the key) at DEBUG, e.g. under --verbosity=1.
         _SECRETS.add(api_key, urllib.parse.quote_plus(api_key))
 

@@ -33,7 +33,7 @@ from zerosearch_jax.search.http import (
     ProtocolError,
     RetryPolicy,
     SearchBackendError,
-    _check_url,
+    check_url,
 )
 
 logger = logging.getLogger(__name__)
@@ -347,7 +347,7 @@ class SimulatorServerClient(_SimulatorMixin, HTTPSearchEngine):
         HTTPSearchEngine.__init__(self, topk=topk, retry=retry, max_workers=max_workers)
         self._init_simulator(variant=variant, topk=topk, noise_probability=noise_probability,
                              seed=seed)
-        self.url = _check_url(url).rstrip("/") + "/v1/chat/completions"
+        self.url = check_url(url).rstrip("/") + "/v1/chat/completions"
         self.model, self.temperature, self.max_new_tokens = model, temperature, max_new_tokens
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
@@ -363,13 +363,13 @@ class SimulatorServerClient(_SimulatorMixin, HTTPSearchEngine):
                 "messages": [{"role": "system", "content": ""},
                              {"role": "user", "content": prompt}]}
         try:
-            raw = self._request("POST", self.url, _parse_chat, json=body, headers=self._headers)
+            raw = self._request("POST", self.url, parse_chat, json=body, headers=self._headers)
         except SearchBackendError as e:
             return self._failed([prompt], str(e), time.perf_counter() - start)[0]
         return self._result(raw, useful, prompt, time.perf_counter() - start)
 
 
-def _parse_chat(payload) -> str:
+def parse_chat(payload) -> str:
     try:
         content = payload["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):

@@ -108,7 +108,7 @@ def sft_step(config: models.ModelConfig, sc: SFTConfig, optimizer, state: ts.Tra
         lambda p: sft_loss(config, p, batch, remat=sc.remat, dtype=dtype), has_aux=True)(
         state.params)
     grad_norm = optax.global_norm(grads)
-    params, opt_state, finite = ts._apply_if_finite(optimizer, grads, state.params,
+    params, opt_state, finite = ts.apply_if_finite(optimizer, grads, state.params,
                                                     state.opt_state, loss, grad_norm)
     metrics = {"loss": loss, "target_tokens": count, "grad_norm": grad_norm,
                "nonfinite": 1.0 - finite.astype(jnp.float32)}

@@ -32,7 +32,8 @@ import numpy as np
 from zerosearch_jax.data.jsonl import OnError, handle_bad_row, iter_jsonl
 from zerosearch_jax.rewards import normalize_answer
 from zerosearch_jax.search.base import QueryContext
-from zerosearch_jax.search.simulator import simulator_prompt
+from zerosearch_jax.search.http import HTTPClient, SearchBackendError, check_url
+from zerosearch_jax.search.simulator import parse_chat, simulator_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -257,24 +258,19 @@ class OpenAIJudge:
 
     def __init__(self, url: str, model: str = "default", api_key: str | None = None,
                  retry=None):
-        from zerosearch_jax.search.http import HTTPClient, _check_url
-
-        self.url = _check_url(url).rstrip("/") + "/v1/chat/completions"
+        self.url = check_url(url).rstrip("/") + "/v1/chat/completions"
         self.model = model
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = HTTPClient(retry=retry)
         self.failures = 0
 
     def __call__(self, pair: Pair, snippets: Sequence[str]) -> bool | None:
-        from zerosearch_jax.search.http import SearchBackendError
-        from zerosearch_jax.search.simulator import _parse_chat
-
         prompt = JUDGE_PROMPT.format(question=pair.question, answer=pair.golden_answers[0],
                                      documents=format_target(snippets))
         body = {"model": self.model, "temperature": 0.0, "max_tokens": 4,
                 "messages": [{"role": "user", "content": prompt}]}
         try:
-            reply = self._http._request("POST", self.url, _parse_chat, json=body,
+            reply = self._http._request("POST", self.url, parse_chat, json=body,
                                         headers=self._headers)
         except SearchBackendError as e:
             self.failures += 1
