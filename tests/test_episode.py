@@ -187,3 +187,13 @@ def test_simulator_prompt_assembly_is_one_everywhere(tok):
     data, _ = finetune.encode(tok, [example], 256)
     n = len(prompt.ids(tok, "Hamlet author", context, True))
     assert list(data["tokens"][0, :n]) == prompt.ids(tok, "Hamlet author", context, True)
+
+
+def test_engines_say_whether_they_take_a_noise_probability_and_a_seed(simulator):
+    """The trainer sets p_noise and reseeds through these protocols, not `hasattr`."""
+    assert isinstance(simulator, search.NoiseControlled)
+    assert isinstance(simulator, search.Reseedable)
+    bm25 = search.BM25SearchEngine.build(
+        [search.Passage("1", "Paris", "Paris is the capital of France.")], topk=1)
+    assert not isinstance(bm25, search.NoiseControlled)
+    assert not isinstance(bm25, search.Reseedable)

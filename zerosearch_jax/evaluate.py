@@ -485,7 +485,7 @@ def run_batch(rt: Runtime, method: str, dataset: str, batch_index: int,
               examples: Sequence[qa.QAExample]) -> list[dict]:
     # The simulator's coin flips and samples restart per batch, so a resumed batch replays the
     # documents an uninterrupted run got.
-    if rt.engine is not None and hasattr(rt.engine, "reseed"):
+    if rt.engine is not None and isinstance(rt.engine, search.Reseedable):
         rt.engine.reseed(zlib.crc32(f"{rt.seed}/{method}/{dataset}/{batch_index}".encode()))
     if method == "agent":
         return run_agent(rt, dataset, examples)

@@ -593,7 +593,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         t0 = time.perf_counter()
         key = jax.random.fold_in(base_key, step)
         p_noise = settings.schedule(step + 1, total, c.curriculum.start, c.curriculum.end)
-        if hasattr(train_engine, "reseed"):  # each process's simulator flips its own coins
+        # Each process's simulator flips its own coins.
+        if isinstance(train_engine, search.Reseedable):
             train_engine.reseed((c.seed * 1_000_003 + step) * jax.process_count()
                                 + jax.process_index())
         # Every process draws the same questions (same seed) and rolls out its own slice; the

@@ -50,7 +50,7 @@ from zerosearch_jax.agent.template import (
     policy_prompt,
 )
 from zerosearch_jax.data.qa import QAExample
-from zerosearch_jax.search.base import QueryContext, SearchEngine
+from zerosearch_jax.search.base import NoiseControlled, QueryContext, SearchEngine
 from zerosearch_jax.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
         raise ValueError("rollout needs at least one example")
     if isinstance(rng, int):
         rng = jax.random.key(rng)
-    if noise_probability is not None and hasattr(engine, "noise_probability"):
+    if noise_probability is not None and isinstance(engine, NoiseControlled):
         engine.noise_probability = noise_probability
     t_start = time.perf_counter()
     timings = dict.fromkeys(("policy_s", "search_s", "insert_s"), 0.0)
@@ -467,7 +467,8 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer,
         cover_em=np.array([s["cover_em"] for s in scores], np.float32),
         searches=searches, engine_calls=engine_calls, invalid_actions=invalid,
         useful_calls=useful_calls, noisy_calls=noisy_calls, truncated=truncated, noise_probability=(
-            getattr(engine, "noise_probability", None) if noise_probability is None
+            (engine.noise_probability if isinstance(engine, NoiseControlled) else None)
+            if noise_probability is None
             else noise_probability),
         timings=timings, generated_tokens=generated, calls=calls, turns=turns)
     return batch, stats

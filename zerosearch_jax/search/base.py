@@ -16,7 +16,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 NO_INFORMATION = "No information available"
 
@@ -110,6 +110,22 @@ class EngineStats:
         """The counters as a plain dict (for logging / metrics)."""
         with self._lock:
             return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}
+
+
+@runtime_checkable
+class NoiseControlled(Protocol):
+    """An engine whose documents are useful or noisy by a probability the trainer sets each
+    step (the curriculum's p_noise): the simulators."""
+
+    noise_probability: float
+
+
+@runtime_checkable
+class Reseedable(Protocol):
+    """An engine with random choices of its own (the simulators' coins and sampling), restarted
+    from a seed so a resumed run replays them."""
+
+    def reseed(self, seed: int) -> None: ...
 
 
 class SearchEngine(abc.ABC):
