@@ -44,7 +44,7 @@ def run_ours(B, T, dtype, steps):
     import jax.numpy as jnp
     import numpy as np
 
-    from zerosearch_jax import models
+    from zerosearch_jax import models, training
     from zerosearch_jax.rl import train_step as ts
 
     # float32 master weights and Adam moments, matmuls in `dtype` (mixed precision), as the
@@ -53,7 +53,7 @@ def run_ours(B, T, dtype, steps):
     tokens, loss_mask, adv = _batch(B, T, config.vocab_size)
     uc = ts.UpdateConfig(advantage_estimator="reinforce", micro_batch_size=B, remat=False,
                          compute_dtype=dtype)
-    fns = ts.make_train_fns(config, uc, ts.make_optimizer(1e-6, 100))
+    fns = ts.make_train_fns(config, uc, training.make_optimizer(1e-6, 100))
     state = fns.init_state(params)
     batch = {"tokens": tokens, "attention_mask": np.ones((B, T), bool),
              "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),

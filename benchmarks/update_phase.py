@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from zerosearch_jax import agent, models, search, sweep, train  # noqa: E402
+from zerosearch_jax import agent, models, search, sweep, train, training  # noqa: E402
 from zerosearch_jax.data import synthetic  # noqa: E402
 from zerosearch_jax.rl import packing  # noqa: E402
 from zerosearch_jax.rl import train_step as ts  # noqa: E402
@@ -49,7 +49,7 @@ def rollout_batch(args, c, settings) -> dict[str, np.ndarray]:
     questions = synthetic.build_world().questions("train")[: c.prompts_per_step]
     batch, stats = agent.rollout(config, params, tok, questions, sim, rollout_config=rc,
                                  sampler=settings.sampler, rng=0)
-    batch = train._trim_response(batch, -(-rc.max_response_tokens // 64) * 64)
+    batch = train.trim_response(batch, train.response_width(rc))
     out = {k: np.asarray(getattr(batch, k)) for k in KEYS}
     out["prompt_length"] = np.int32(batch.prompt_length)
     print(f"rollout: {B} episodes, {stats.engine_calls.mean():.2f} searches each, "
@@ -58,7 +58,7 @@ def rollout_batch(args, c, settings) -> dict[str, np.ndarray]:
 
 
 def time_phase(uc, config, params, batch, repeats) -> dict[str, float]:
-    fns = ts.make_train_fns(config, uc, ts.make_optimizer(1e-6, 100))
+    fns = ts.make_train_fns(config, uc, training.make_optimizer(1e-6, 100))
     state = fns.init_state(jax.tree.map(jnp.copy, params))
     ref = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     plan = uc.plan(batch["attention_mask"], 0, batch["tokens"], batch["group"],

@@ -9,13 +9,9 @@ format warm-up, simulator tuning, then GRPO; sized for about 20 minutes on a 2-c
     python -m zerosearch_jax.train --config=configs/default.py --workdir=runs/default
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import simulator_sft  # noqa: E402
+from configs import simulator_sft
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -67,28 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.warmup.batch_size = 4
     c.warmup.lr = 5e-5
 
-    # -- simulated search engine used for training --------------------------------------------
-    c.simulator = ml_collections.ConfigDict()
-    c.simulator.kind = "llm"  # llm (in process) | server (OpenAI-compatible) | bm25 | searchr1
-    c.simulator.model = "smollm2-135m-instruct"  # llm: the simulator (the base, if tuned).
-    # Tune simulator.model with the simulator-SFT pipeline before RL (after the warm-up, whose
-    # policy does the collecting: BM25 results on the world, labelled, fine-tuned), cached in
-    # <workdir>/simulator_sft; its settings are configs/simulator_sft.py's, sized down here.
-    c.simulator.tune = True
-    c.simulator.sft = simulator_sft.get_config()
-    c.simulator.sft.seed = c.get_ref("seed")
-    c.simulator.sft.data.synthetic_seed = c.data.get_ref("synthetic_seed")  # the same world
-    c.simulator.sft.data.num_questions = 96
-    c.simulator.sft.finetune.steps = 32  # about half a pass over the ~250 balanced examples
-    c.simulator.sft.finetune.remat = False
-    c.simulator.sft.report.num_queries = 8
-    c.simulator.url = ""  # server / searchr1: endpoint.
-    c.simulator.variant = "finetuned"  # finetuned (SFT prompt) | prompted (one-shot demo).
-    c.simulator.prime_reply = False  # start the reply with "Doc 1:" (small prompted models).
-    c.simulator.max_new_tokens = 128  # upstream: 600. The policy sees at most
-    # rollout.max_obs_tokens = 128 of a page (documents are cut from the end), so more is waste.
-    c.simulator.temperature = 0.8
-    c.simulator.topk = 5
+    c.simulator = simulator(c)
 
     # -- curriculum -----------------------------------------------------------------------------
     c.curriculum = ml_collections.ConfigDict()
@@ -97,39 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.curriculum.end = 0.5  # p_noise at the last step.
     c.curriculum.base = 4.0
 
-    # -- algorithm ------------------------------------------------------------------------------
-    c.algorithm = ml_collections.ConfigDict()
-    c.algorithm.estimator = "grpo"  # reinforce | grpo | gae (PPO) | reinforce_pp
-    c.algorithm.ppo_epochs = 1
-    c.algorithm.num_minibatches = 1
-    c.algorithm.micro_batch_size = 2  # rows per forward/backward (packed rows when packing).
-    # Scoring and update rows of pack_length tokens, each holding several episodes (attention
-    # within each, a GRPO group's prompt once per row): they pay for real tokens, not for
-    # padding to the longest episode. 0: one episode a row. At least the longest possible
-    # episode (rollout.max_prompt_tokens + the response's turns and observations, 912 here).
-    c.algorithm.pack_length = 1024
-    c.algorithm.clip_low = 0.2
-    c.algorithm.clip_high = 0.2
-    c.algorithm.entropy_coef = 0.001
-    c.algorithm.kl_coef = 0.001
-    c.algorithm.kl_estimator = "low_var_kl"  # k1 | abs | mse | low_var_kl
-    c.algorithm.use_kl_loss = True
-    c.algorithm.kl_in_reward = False  # PPO upstream: KL in the reward instead.
-    c.algorithm.upstream_kl_sign = False  # True reproduces upstream's subtracted KL (a bug).
-    c.algorithm.gamma = 1.0
-    c.algorithm.lam = 1.0
-    c.algorithm.value_clip = 0.5
-
-    # -- optimizer ------------------------------------------------------------------------------
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 5e-6
-    c.optim.warmup_ratio = 0.0  # upstream: 0.95 (REINFORCE/GRPO), 0.285 (PPO actor).
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.weight_decay = 0.01
-    c.optim.grad_clip = 1.0
-    c.optim.critic_lr = 1e-5
-    c.optim.critic_warmup_ratio = 0.0
+    c.algorithm = algorithm()
+    c.optim = optimizer()
 
     # -- validation, logging, checkpoints --------------------------------------------------------
     c.validation = ml_collections.ConfigDict()
@@ -144,11 +88,60 @@ def get_config() -> ml_collections.ConfigDict:
     c.export_hf = True  # write the final policy as a HF directory (<workdir>/hf_policy).
     c.max_nonfinite_steps = 3  # consecutive skipped updates before the run stops.
 
+    c.mesh = mesh()
+    return c
+
+
+def algorithm() -> ml_collections.ConfigDict:
+    """The RL algorithm (docs/method.md §7): GRPO with a KL loss, packed updates."""
+    # -- algorithm ------------------------------------------------------------------------------
+    a = ml_collections.ConfigDict()
+    a.estimator = "grpo"  # reinforce | grpo | gae (PPO) | reinforce_pp
+    a.ppo_epochs = 1
+    a.num_minibatches = 1
+    a.micro_batch_size = 2  # rows per forward/backward (packed rows when packing).
+    # Scoring and update rows of pack_length tokens, each holding several episodes (attention
+    # within each, a GRPO group's prompt once per row): they pay for real tokens, not for
+    # padding to the longest episode. 0: one episode a row. At least the longest possible
+    # episode (rollout.max_prompt_tokens + the response's turns and observations, 912 here).
+    a.pack_length = 1024
+    a.clip_low = 0.2
+    a.clip_high = 0.2
+    a.entropy_coef = 0.001
+    a.kl_coef = 0.001
+    a.kl_estimator = "low_var_kl"  # k1 | abs | mse | low_var_kl
+    a.use_kl_loss = True
+    a.kl_in_reward = False  # PPO upstream: KL in the reward instead.
+    a.upstream_kl_sign = False  # True reproduces upstream's subtracted KL (a bug).
+    a.gamma = 1.0
+    a.lam = 1.0
+    a.value_clip = 0.5
+
+    return a
+
+
+def optimizer() -> ml_collections.ConfigDict:
+    """AdamW for the actor and the critic."""
+    # -- optimizer ------------------------------------------------------------------------------
+    o = ml_collections.ConfigDict()
+    o.lr = 5e-6
+    o.warmup_ratio = 0.0  # upstream: 0.95 (REINFORCE/GRPO), 0.285 (PPO actor).
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.weight_decay = 0.01
+    o.grad_clip = 1.0
+    o.critic_lr = 1e-5
+    o.critic_warmup_ratio = 0.0
+    return o
+
+
+def mesh() -> ml_collections.ConfigDict:
+    """Devices: data parallel over every device; the simulator shares them."""
     # -- mesh ------------------------------------------------------------------------------------
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices.
+    m = ml_collections.ConfigDict()
+    m.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices.
     # (logical axis, mesh axes) pairs placing weights, KV caches and batches (sharding.py).
-    c.mesh.axis_rules = (
+    m.axis_rules = (
         ("batch", ("data", "fsdp")),  # rollout and update batches: data parallel.
         ("vocab", "tensor"),
         ("embed", "fsdp"),  # weights fully sharded over fsdp (gathered layer by layer).
@@ -157,6 +150,33 @@ def get_config() -> ml_collections.ConfigDict:
         ("kv_heads", "tensor"),  # also the KV cache's heads.
         ("head_dim", None),
     )
-    c.mesh.simulator_devices = 0  # >0: the llm simulator gets the last n devices of each host.
-    c.mesh.simulator_shape = (-1, 1, 1)  # (data, fsdp, tensor) of that simulator sub-mesh.
-    return c
+    m.simulator_devices = 0  # >0: the llm simulator gets the last n devices of each host.
+    m.simulator_shape = (-1, 1, 1)  # (data, fsdp, tensor) of that simulator sub-mesh.
+    return m
+
+
+def simulator(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The simulated search engine used for training: the embedded model, tuned before RL."""
+    # -- simulated search engine used for training --------------------------------------------
+    s = ml_collections.ConfigDict()
+    s.kind = "llm"  # llm (in process) | server (OpenAI-compatible) | bm25 | searchr1
+    s.model = "smollm2-135m-instruct"  # llm: the simulator (the base, if tuned).
+    # Tune simulator.model with the simulator-SFT pipeline before RL (after the warm-up, whose
+    # policy does the collecting: BM25 results on the world, labelled, fine-tuned), cached in
+    # <workdir>/simulator_sft; its settings are configs/simulator_sft.py's, sized down here.
+    s.tune = True
+    s.sft = simulator_sft.get_config()
+    s.sft.seed = c.get_ref("seed")
+    s.sft.data.synthetic_seed = c.data.get_ref("synthetic_seed")  # the same world
+    s.sft.data.num_questions = 96
+    s.sft.finetune.steps = 32  # about half a pass over the ~250 balanced examples
+    s.sft.finetune.remat = False
+    s.sft.report.num_queries = 8
+    s.url = ""  # server / searchr1: endpoint.
+    s.variant = "finetuned"  # finetuned (SFT prompt) | prompted (one-shot demo).
+    s.prime_reply = False  # start the reply with "Doc 1:" (small prompted models).
+    s.max_new_tokens = 128  # upstream: 600. The policy sees at most
+    # rollout.max_obs_tokens = 128 of a page (documents are cut from the end), so more is waste.
+    s.temperature = 0.8
+    s.topk = 5
+    return s

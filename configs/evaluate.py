@@ -1,4 +1,4 @@
-"""Evaluation of a policy and the paper's baselines on the FlashRAG QA sets (REFERENCE section 9).
+"""Evaluation of a policy and the paper's baselines on the FlashRAG QA sets (docs/method.md §9).
 
 Defaults follow the paper: the seven FlashRAG sets, 500 questions each (all of Bamboogle), greedy
 decoding, the four methods; the engine is BM25 over the offline Wikipedia summaries (the paper
@@ -7,7 +7,7 @@ the default policy; pass any checkpoint with `--config.model`:
 
     python -m zerosearch_jax.evaluate --config=configs/evaluate.py --workdir=runs/eval \\
         --config.model=runs/default/hf_policy --config.datasets=nq,hotpotqa,bamboogle \\
-        --config.data_dir=../shared/data/qa --config.sample_size=50
+        --config.data_dir=data/qa --config.sample_size=50
 """
 
 import ml_collections

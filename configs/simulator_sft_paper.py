@@ -1,4 +1,4 @@
-"""Simulator tuning at the paper's scale (REFERENCE section 8): a Qwen-2.5-7B-Instruct policy
+"""Simulator tuning at the paper's scale (docs/method.md §8): a Qwen-2.5-7B-Instruct policy
 searches a real engine on NQ + HotpotQA training questions, pairs are labelled by the paper's
 trajectory rule, and a Qwen-2.5 simulator is fully fine-tuned with lr 1e-6, batch 2, 1000 steps.
 
@@ -16,11 +16,7 @@ would otherwise tune the tuned model again), or serve that directory with SGLang
 `simulator.kind=server`.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import simulator_sft  # noqa: E402
+from configs import simulator_sft
 
 
 def get_config():
@@ -30,7 +26,7 @@ def get_config():
     c.data.train = "ZeroSearch_dataset/train.parquet"  # NQ + HotpotQA, upstream format.
     c.data.num_questions = 12000  # about 20k labelled pairs before balancing.
 
-    c.collect.policy = "Qwen/Qwen2.5-7B-Instruct"  # REFERENCE section 8.
+    c.collect.policy = "Qwen/Qwen2.5-7B-Instruct"  # docs/method.md §8.
     c.collect.query_sources = "policy"  # the policy's own searches only.
     c.collect.engine = "searchr1"  # or "serpapi" (Google, as upstream; set max_calls).
     c.collect.url = "http://127.0.0.1:8000/retrieve"  # the Search-R1 retriever's endpoint.

@@ -8,13 +8,9 @@ output of the real job is written (warmup/, simulator_sft/, metrics, plots, chec
 hf_policy/, final_validation.json). Nothing it measures means anything.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import default  # noqa: E402
+from configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

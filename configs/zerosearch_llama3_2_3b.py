@@ -1,10 +1,9 @@
-"""ZeroSearch, LLaMA-3.2-3B base policy, REINFORCE, curriculum 0.25 -> 0.5 (REFERENCE s. 4, 7)."""
+"""ZeroSearch, LLaMA-3.2-3B base policy, REINFORCE, curriculum 0.25 -> 0.5.
 
-import os
-import sys
+The paper's settings: docs/method.md §4 (curriculum), §7 (algorithm).
+"""
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import zerosearch_qwen2_5_3b  # noqa: E402
+from configs import zerosearch_qwen2_5_3b
 
 
 def get_config():

@@ -1,4 +1,4 @@
-"""ZeroSearch, Qwen-2.5-3B base policy, REINFORCE (the paper's main setting; REFERENCE s. 7).
+"""ZeroSearch, Qwen-2.5-3B base policy, REINFORCE (the paper's main setting; docs/method.md §7).
 
 Needs: the training data (`huggingface-cli download --repo-type dataset sunhaonlp/ZeroSearch_dataset
 --local-dir ZeroSearch_dataset`), the 14B simulator served with an OpenAI-compatible API
@@ -7,11 +7,7 @@ retriever for validation (`zerosearch-retrieval-server --corpus wiki --port 8000
 Search-R1 wiki-18 server).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import default  # noqa: E402
+from configs import default
 
 
 def get_config(policy="Qwen/Qwen2.5-3B", noise_start=0.0, noise_end=0.25,

@@ -1,10 +1,6 @@
-"""ZeroSearch, Qwen-2.5-3B base policy, GRPO (estimator `grpo`; REFERENCE s. 7)."""
+"""ZeroSearch, Qwen-2.5-3B base policy, GRPO (estimator `grpo`; docs/method.md §7)."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import zerosearch_qwen2_5_3b  # noqa: E402
+from configs import zerosearch_qwen2_5_3b
 
 
 def get_config():

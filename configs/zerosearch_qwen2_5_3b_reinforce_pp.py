@@ -1,10 +1,9 @@
-"""ZeroSearch, Qwen-2.5-3B base policy, REINFORCE_PP (estimator `reinforce_pp`; REFERENCE s. 7)."""
+"""ZeroSearch, Qwen-2.5-3B base policy, REINFORCE_PP (estimator `reinforce_pp`).
 
-import os
-import sys
+The paper's settings: docs/method.md §7.
+"""
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import zerosearch_qwen2_5_3b  # noqa: E402
+from configs import zerosearch_qwen2_5_3b
 
 
 def get_config():

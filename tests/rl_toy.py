@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zerosearch_jax import models, sampling
+from zerosearch_jax import models, sampling, training
 from zerosearch_jax.rl import train_step as ts
 
 TARGET = 7
@@ -49,8 +49,9 @@ def train_toy(estimator: str, steps: int, lr: float = 3e-3, seed: int = 0, **uc_
     params = models.init_params(config, seed)
     uc = ts.UpdateConfig(advantage_estimator=estimator, micro_batch_size=4, remat=False,
                          **uc_kwargs)
-    opt = ts.make_optimizer(lr, steps, weight_decay=0.0)
-    critic_opt = ts.make_optimizer(lr * 3, steps, weight_decay=0.0) if uc.uses_critic else None
+    opt = training.make_optimizer(lr, steps, weight_decay=0.0)
+    critic_opt = (training.make_optimizer(lr * 3, steps, weight_decay=0.0) if uc.uses_critic
+                  else None)
     fns = ts.make_train_fns(config, uc, opt, critic_opt)
     critic = ts.init_critic(config, params, jax.random.key(seed)) if uc.uses_critic else None
     state = fns.init_state(params, critic)

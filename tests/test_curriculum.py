@@ -1,4 +1,4 @@
-"""Tests for zerosearch_jax.curriculum (REFERENCE section 4)."""
+"""Tests for zerosearch_jax.curriculum (docs/method.md §4)."""
 
 import pytest
 

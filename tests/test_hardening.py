@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from configs import default as default_config
-from zerosearch_jax import agent, checkpoints, train
+from zerosearch_jax import agent, checkpoints, inputs, train
 from zerosearch_jax.data import qa
 from zerosearch_jax.search import BM25SearchEngine, Passage, SerpAPIClient
 from zerosearch_jax.search import server as server_lib
@@ -66,12 +66,12 @@ def test_questions_too_long_for_the_prompt_follow_on_error(smollm2_tokenizer, ca
     long = qa.QAExample("long", "word " * 400, ("x",), "t")
     huge = qa.QAExample("huge", "x" * 10_000_000, ("x",), "t")  # refused before tokenizing
     with caplog.at_level(logging.WARNING):
-        kept = train.admissible([ok, long, huge], smollm2_tokenizer, rc, "skip")
+        kept = inputs.admissible([ok, long, huge], smollm2_tokenizer, rc, "skip")
     assert kept == [ok]
     assert "'long'" in caplog.text and "'huge'" in caplog.text and "10000000 characters" in \
         caplog.text
     with pytest.raises(qa.DataError, match="question 'long'.*max_prompt_tokens=256"):
-        train.admissible([ok, long], smollm2_tokenizer, rc, "raise")
+        inputs.admissible([ok, long], smollm2_tokenizer, rc, "raise")
 
 
 # -- config ---------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def test_a_missing_model_names_its_key(tmp_path):
 def test_a_missing_data_file_names_its_key(tmp_path):
     c = default_config.get_config()
     with pytest.raises(train.ConfigError, match="config.data.train"):
-        train.load_examples(str(tmp_path / "nope.jsonl"), c, key="data.train")
+        inputs.load_examples(str(tmp_path / "nope.jsonl"), c, key="data.train")
 
 
 # -- checkpoints ----------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Layers, lowest first (a module may import its own layer and those below):
 
     base      models, tokenizer, data, rewards, curriculum, metrics, plot, cli, checkpoints,
-              sharding
+              sharding, training (the kit every tuning loop shares: optimizer, TrainState,
+              policy log-probs)
     sampling  the jitted sampler
     env       search engines and the agent (template, rollouts, warm-up demonstrations)
     rl        estimators, losses, packing, the learner's step
@@ -21,11 +22,11 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "zerosearch_jax"
 LAYERS = {
     "base": ("models", "tokenizer", "data", "rewards", "curriculum", "metrics", "plot", "cli",
-             "checkpoints", "sharding"),
+             "checkpoints", "sharding", "training", "settings"),
     "sampling": ("sampling",),
     "env": ("search", "agent"),
     "rl": ("rl",),
-    "stages": ("inputs", "simulator_sft"),
+    "stages": ("inputs", "simulator_sft", "stages", "hooks"),
     "drivers": ("train", "evaluate", "sweep", "chat"),
 }
 ORDER = list(LAYERS)

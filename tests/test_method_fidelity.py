@@ -11,7 +11,7 @@ import pytest
 
 from configs import default, zerosearch_qwen2_5_3b
 from tests.rl_toy import toy_batch, toy_config
-from zerosearch_jax import models, sampling, train
+from zerosearch_jax import models, sampling, train, training
 from zerosearch_jax.rl import packing
 from zerosearch_jax.rl import train_step as ts
 
@@ -28,7 +28,7 @@ def test_reinforce_pp_and_ppo_token_rewards_carry_the_k1_penalty(estimator):
     (observation tokens carry nothing), for both estimators."""
     uc = _paper_update_config(estimator)
     assert uc.kl_in_reward and uc.loss.kl_estimator == "k1" and not uc.loss.use_kl_loss
-    assert uc.advantage.kl_coef == 0.001 and not uc.needs_old_logprobs
+    assert uc.loss.kl_coef == 0.001 and not uc.needs_old_logprobs
 
     config = toy_config()
     params = models.init_params(config, 0)
@@ -40,8 +40,8 @@ def test_reinforce_pp_and_ppo_token_rewards_carry_the_k1_penalty(estimator):
              "positions": np.arange(T, dtype=np.int32)[None], "loss_mask": mask,
              "rewards": np.array([[0, 0, 0, 0, 0, 0, 0.8]], np.float32),
              "group": np.zeros(1, np.int32)}
-    ref, _ = ts.policy_logprobs(config, params, tokens, batch["attention_mask"],
-                                batch["positions"])
+    ref, _ = training.policy_logprobs(config, params, tokens, batch["attention_mask"],
+                                      batch["positions"])
     # The rollout's own log-probs stand for the current policy's (one epoch, one mini-batch).
     delta = np.array([[0, 0, 0.5, -0.2, 9.0, 0.1, 0.3]], np.float32)  # k1 where mask is 1
     batch["logprobs"] = np.asarray(ref) + delta
@@ -75,8 +75,8 @@ def test_lr_schedule_counts_rl_steps():
     uc = ts.UpdateConfig(num_minibatches=2, ppo_epochs=2)
     assert uc.updates_per_step == 4
     lr = 1e-2
-    opt = ts.make_optimizer(lr, total_steps=10, warmup_ratio=0.5, weight_decay=0.0,
-                            grad_clip=1e9, updates_per_step=uc.updates_per_step)
+    opt = training.make_optimizer(lr, total_steps=10, warmup_ratio=0.5, weight_decay=0.0,
+                                  grad_clip=1e9, updates_per_step=uc.updates_per_step)
     params = {"w": np.zeros((), np.float32)}
     state = opt.init(params)
     moves = []
@@ -93,7 +93,7 @@ def test_trainer_schedules_the_update_per_rl_step():
     c.algorithm.num_minibatches, c.algorithm.ppo_epochs = 2, 2
     assert train.build_settings(c).update.updates_per_step == 4
     # Update 8 is RL step 2 of a 5-step warm-up.
-    assert float(ts.lr_schedule(1.0, 10, 0.5, updates_per_step=4)(8)) == pytest.approx(0.4)
+    assert float(training.lr_schedule(1.0, 10, 0.5, updates_per_step=4)(8)) == pytest.approx(0.4)
 
 
 @pytest.mark.parametrize("sampler", [sampling.Temperature(0.7), sampling.TopP(0.8, 0.7)])

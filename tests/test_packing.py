@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from tests.rl_toy import toy_batch, toy_config
-from zerosearch_jax import models
+from zerosearch_jax import models, training
 from zerosearch_jax.rl import packing
 from zerosearch_jax.rl import train_step as ts
 
@@ -105,12 +105,12 @@ def test_segments_do_not_see_each_other():
     tokens = np.array([[1, 5, 7, 9, 2, 3], [1, 6, 6, 4, 0, 0]], np.int32)
     mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], bool)
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
-    alone, _ = ts.policy_logprobs(config, params, tokens, mask, positions)
+    alone, _ = training.policy_logprobs(config, params, tokens, mask, positions)
     packed_tokens = np.concatenate([tokens[0], tokens[1, :4]])[None]
     packed_pos = np.concatenate([positions[0], positions[1, :4]])[None]
     segment = np.array([[1] * 6 + [2] * 4], np.int32)
-    packed, _ = ts.policy_logprobs(config, params, packed_tokens, None, packed_pos,
-                                   segment_ids=segment)
+    packed, _ = training.policy_logprobs(config, params, packed_tokens, None, packed_pos,
+                                         segment_ids=segment)
     packed = np.asarray(packed)[0]
     np.testing.assert_allclose(packed[:6], np.asarray(alone)[0], atol=1e-5)
     # Entry 0 of a segment is never read (a prompt token); the rest match.

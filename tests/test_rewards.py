@@ -1,4 +1,4 @@
-"""Tests for zerosearch_jax.rewards (REFERENCE section 5)."""
+"""Tests for zerosearch_jax.rewards (docs/method.md §5)."""
 
 import pytest
 from hypothesis import given
@@ -14,7 +14,7 @@ from zerosearch_jax.rewards import (
     score_response,
 )
 
-# The policy prompt of REFERENCE section 2 ends with this example answer span.
+# The policy prompt of docs/method.md §2 ends with this example answer span.
 PROMPT_TAIL = "For example, <answer> Beijing </answer>. Question: who?\n"
 
 

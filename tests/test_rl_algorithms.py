@@ -1,4 +1,4 @@
-"""Tests for zerosearch_jax.rl.algorithms (REFERENCE section 7).
+"""Tests for zerosearch_jax.rl.algorithms (docs/method.md §7).
 
 Expected numbers are derived by hand in the comments; each test compares against them.
 """
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zerosearch_jax import rl
+from zerosearch_jax import models, rl
 
 NO_WHITEN = rl.AdvantageConfig(whiten=False)
 
@@ -134,9 +134,9 @@ def test_gae_kl_in_reward():
     # kl_coef 0.5, token_kl [_, 0.2, 0.4, _, _, 1.0, _] -> r = [-0.1, -0.2, 0.5]; gamma = lam = 1:
     #   A = [-0.1 - 0.2 + 0.5 - 0.1, -0.2 + 0.5 - 0.2, 0.5 - 0.4] = [0.1, 0.1, 0.1]
     token_kl = jnp.array([[50.0, 0.2, 0.4, 50.0, 50.0, 1.0, 50.0]])
-    config = rl.AdvantageConfig(kl_coef=0.5, whiten=False)
-    adv, _ = rl.gae_advantages(GAP_REWARDS, GAP_MASK, values=GAP_VALUES, token_kl=token_kl,
-                               config=config)
+    config = rl.AdvantageConfig(whiten=False)
+    adv, _ = rl.gae_advantages(GAP_REWARDS, GAP_MASK, values=GAP_VALUES,
+                               kl_penalty=0.5 * token_kl, config=config)
     np.testing.assert_allclose(adv, [[0, 0.1, 0.1, 0, 0, 0.1, 0]], atol=1e-6)
 
 
@@ -150,8 +150,7 @@ def test_reinforce_pp_hand_computed():
     mask = jnp.array([[0, 1, 1, 0, 1], [1, 1, 0, 0, 0.]])
     rewards = outcome_rewards(mask, [1.0, 0.0])
     token_kl = jnp.array([[9.0, 0.5, 1.0, 9.0, 2.0], [1.0, 0, 0, 0, 0]])
-    config = rl.AdvantageConfig(kl_coef=0.1)
-    adv, returns = rl.reinforce_pp_advantages(rewards, mask, token_kl=token_kl, config=config)
+    adv, returns = rl.reinforce_pp_advantages(rewards, mask, kl_penalty=0.1 * token_kl)
     np.testing.assert_allclose(returns, [[0, 0.65, 0.7, 0, 0.8], [-0.1, 0, 0, 0, 0]], atol=1e-6)
     np.testing.assert_allclose(adv, [[0, 0.5649013, 0.6825891, 0, 0.9179647],
                                      [-1.2004153, -0.9650398, 0, 0, 0]], atol=1e-5)
@@ -183,7 +182,7 @@ def test_estimator_registry_and_inputs():
     with pytest.raises(ValueError, match="gamma must be in \\[0, 1\\], got 1.5"):
         rl.AdvantageConfig(gamma=1.5)
     with pytest.raises(ValueError, match="kl_coef must be >= 0, got -0.1"):
-        rl.AdvantageConfig(kl_coef=-0.1)
+        rl.LossConfig(kl_coef=-0.1)
 
 
 def test_masked_helpers():
@@ -231,88 +230,6 @@ def test_low_var_kl_nonnegative_clamped_and_finite_gradient():
     assert np.isfinite(grad).all()
     # Inside the clamp: d/dlogp (e^-d + d - 1) = 1 - e^-d.
     np.testing.assert_allclose(jax.grad(rl.kl_low_var)(0.5, 0.0), 1 - math.exp(-0.5), rtol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-probs and entropy
-# ---------------------------------------------------------------------------------------------
-
-
-def test_token_and_shifted_logprobs():
-    logits = jax.random.normal(jax.random.key(0), (2, 4, 7)).astype(jnp.bfloat16)
-    tokens = jnp.array([[3, 1, 6, 0], [2, 2, 5, 4]])
-    full = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    lp = rl.token_logprobs(logits, tokens)
-    assert lp.dtype == jnp.float32
-    np.testing.assert_allclose(lp, jnp.take_along_axis(full, tokens[..., None], -1)[..., 0],
-                               atol=1e-6)
-    shifted = rl.shifted_logprobs(logits, tokens)
-    assert shifted.shape == (2, 4) and shifted.dtype == jnp.float32
-    np.testing.assert_array_equal(shifted[:, 0], 0.0)
-    # Entry t scores token t with the logits of position t - 1.
-    for b in range(2):
-        for t in range(1, 4):
-            assert float(shifted[b, t]) == pytest.approx(float(full[b, t - 1, tokens[b, t]]),
-                                                         abs=1e-6)
-
-
-def test_entropy_from_logits():
-    # Uniform over 8 -> log 8; one-hot-ish (others -inf) -> 0 and no nan; two equal of three
-    # with the third -inf -> log 2; large logits stay finite.
-    logits = jnp.array([[[0.0] * 8,
-                         [5.0] + [-jnp.inf] * 7,
-                         [1.0, 1.0] + [-jnp.inf] * 6,
-                         [1e4, 1e4 - 1.0] + [-1e4] * 6]])
-    ent = rl.entropy_from_logits(logits)
-    # Two logits a nat apart: p = [s, 1 - s] with s = sigmoid(1), H = -sum p log p = 0.5822031.
-    np.testing.assert_allclose(ent, [[math.log(8), 0.0, math.log(2), 0.5822031]], atol=1e-6)
-    assert np.isfinite(jax.grad(lambda z: rl.entropy_from_logits(z).sum())(logits)).all()
-
-
-@pytest.mark.parametrize("temperature,chunk", [(1.0, 4), (0.7, 16), (1.3, 128)])
-def test_head_logprobs_entropy_match_the_full_logits(temperature, chunk):
-    """The chunked, custom-VJP head equals log-softmax / entropy of the materialized logits,
-    values and both gradients, also when the chunk does not divide T (T = 13)."""
-    k = jax.random.split(jax.random.key(3), 5)
-    B, T, E, V = 2, 13, 8, 37
-    hidden = jax.random.normal(k[0], (B, T, E))
-    head = jax.random.normal(k[1], (V, E))
-    targets = jax.random.randint(k[2], (B, T), 0, V)
-    g_logp, g_ent = jax.random.normal(k[3], (B, T)), jax.random.normal(k[4], (B, T))
-
-    def reference(h, w):
-        z = jnp.einsum("bte,ve->btv", h, w) / temperature
-        lp = jnp.take_along_axis(jax.nn.log_softmax(z), targets[..., None], -1)[..., 0]
-        return lp, rl.entropy_from_logits(z)
-
-    def fused(h, w):
-        return rl.head_logprobs_entropy(h, w, targets, jnp.float32, temperature, chunk)
-
-    def objective(fn):
-        return lambda h, w: (fn(h, w)[0] * g_logp + fn(h, w)[1] * g_ent).sum()
-
-    for got, want in zip(fused(hidden, head), reference(hidden, head), strict=True):
-        assert got.shape == (B, T) and got.dtype == jnp.float32
-        np.testing.assert_allclose(got, want, atol=2e-5)
-    grads = jax.grad(objective(fused), argnums=(0, 1))(hidden, head)
-    want = jax.grad(objective(reference), argnums=(0, 1))(hidden, head)
-    for got, w in zip(grads, want, strict=True):
-        np.testing.assert_allclose(got, w, atol=1e-4)
-
-
-def test_head_logprobs_entropy_bfloat16_inputs_keep_float32_gradients():
-    k = jax.random.split(jax.random.key(4), 3)
-    hidden = jax.random.normal(k[0], (2, 9, 16))
-    head = jax.random.normal(k[1], (50, 16)) * 0.1
-    targets = jax.random.randint(k[2], (2, 9), 0, 50)
-    fn = jax.jit(lambda h, w: rl.head_logprobs_entropy(h, w, targets, jnp.bfloat16)[0].sum())
-    gh, gw = jax.grad(fn, argnums=(0, 1))(hidden, head)
-    assert gh.dtype == gw.dtype == jnp.float32
-    exact = jax.grad(lambda h, w: rl.head_logprobs_entropy(h, w, targets, jnp.float32)[0].sum(),
-                     argnums=(0, 1))(hidden, head)
-    # bf16 products with f32 accumulation: within bf16's ~3 significant digits of the f32 path.
-    for got, want in zip((gh, gw), exact, strict=True):
-        np.testing.assert_allclose(got, want, atol=3e-2 * float(jnp.abs(want).max()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,7 +445,7 @@ def test_everything_runs_under_jit():
     group = jnp.array([3, 9, 3, 9])
     config = rl.AdvantageConfig(gamma=0.95, lam=0.9)
     for name, fn in rl.ADVANTAGE_ESTIMATORS.items():
-        kwargs = dict(group_ids=group, values=values, token_kl=token_kl, config=config)
+        kwargs = dict(group_ids=group, values=values, kl_penalty=token_kl, config=config)
         jitted = jax.jit(fn, static_argnames="config")(rewards, mask, **kwargs)
         eager = fn(rewards, mask, **kwargs)
         for j, e in zip(jitted, eager, strict=True):
@@ -536,10 +453,10 @@ def test_everything_runs_under_jit():
 
     logits = jnp.asarray(rng.normal(size=(B, T, V)), jnp.float32)
     tokens = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
-    logp = jax.jit(rl.shifted_logprobs)(logits, tokens)
-    np.testing.assert_allclose(logp, rl.shifted_logprobs(logits, tokens), atol=1e-6)
-    jax.jit(rl.token_logprobs)(logits, tokens)
-    entropy = jax.jit(rl.entropy_from_logits)(logits)
+    logp = jax.jit(models.shifted_logprobs)(logits, tokens)
+    np.testing.assert_allclose(logp, models.shifted_logprobs(logits, tokens), atol=1e-6)
+    jax.jit(models.token_logprobs)(logits, tokens)
+    entropy = jax.jit(models.entropy_from_logits)(logits)
     for name in rl.KL_ESTIMATORS:
         jax.jit(rl.kl_loss, static_argnames="estimator")(logp, logp + 0.1, mask, estimator=name)
     jax.jit(rl.entropy_loss)(entropy, mask)
@@ -553,9 +470,9 @@ def test_everything_runs_under_jit():
     np.testing.assert_allclose(jitted[0], eager[0], rtol=1e-5)
 
     def total(logits):
-        lp = rl.shifted_logprobs(logits, tokens)
+        lp = models.shifted_logprobs(logits, tokens)
         s, c, _ = rl.ppo_actor_loss(lp, jax.lax.stop_gradient(lp), lp + 0.1, values, mask,
-                                    rl.entropy_from_logits(logits), loss_config)
+                                    models.entropy_from_logits(logits), loss_config)
         return s / c
 
     assert np.isfinite(jax.jit(jax.grad(total))(logits)).all()

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from tests.rl_toy import toy_batch, toy_config, train_toy
-from zerosearch_jax import models
+from zerosearch_jax import models, training
 from zerosearch_jax.rl import train_step as ts
 
 
@@ -75,7 +75,7 @@ def test_bad_update_config():
         ts.UpdateConfig(micro_batch_size=3).check_batch_size(16)
     with pytest.raises(ValueError, match="needs a critic optimizer"):
         ts.make_train_fns(toy_config(), ts.UpdateConfig(advantage_estimator="gae"),
-                          ts.make_optimizer(1e-3, 1))
+                          training.make_optimizer(1e-3, 1))
 
 
 def test_sharded_step_on_8_devices_matches_one_device():

@@ -1,6 +1,6 @@
 """The simulated search engine and the rollout that drives it.
 
-- Prompt, clean-up and the useful/noisy coin flip of `search.simulator` (REFERENCE section 3).
+- Prompt, clean-up and the useful/noisy coin flip of `search.simulator` (docs/method.md §3).
 - `LLMSimulator` on the real SmolLM2 tokenizer with a tiny random model: every query's prompt
   carries its own trajectory's question and answer (upstream paired the k-th query with the
   k-th question of the batch).
@@ -31,7 +31,7 @@ from zerosearch_jax.agent import (
     policy_prompt,
     rollout,
 )
-from zerosearch_jax.agent.rollout import Piece
+from zerosearch_jax.agent.environment import Piece
 from zerosearch_jax.data.qa import QAExample
 from zerosearch_jax.data.synthetic import WorldConfig, build_world
 from zerosearch_jax.search import (

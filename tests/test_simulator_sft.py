@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zerosearch_jax import agent, models, search
+from zerosearch_jax import agent, models, search, training
 from zerosearch_jax.data import jsonl, synthetic
 from zerosearch_jax.search.base import SearchEngine
 from zerosearch_jax.simulator_sft import collect as collect_lib
@@ -281,8 +281,8 @@ def test_sft_loss_is_the_masked_nll_and_tuning_lowers_it(tmp_path, tiny):
     data, _ = finetune_lib.encode(tok, _examples(4), 256)
     batch = {k: jnp.asarray(v) for k, v in data.items()}
     loss, (nll, count) = finetune_lib.sft_loss(config, params, batch, remat=False)
-    logp, _ = finetune_lib.ts.policy_logprobs(config, params, batch["tokens"],
-                                              batch["attention_mask"], batch["positions"])
+    logp, _ = training.policy_logprobs(config, params, batch["tokens"],
+                                       batch["attention_mask"], batch["positions"])
     assert float(count) == float(data["loss_mask"].sum())
     np.testing.assert_allclose(float(nll), -float((logp * batch["loss_mask"]).sum()), rtol=1e-5)
 
@@ -331,7 +331,7 @@ def _pipeline(workdir, *flags, timeout=600):
 
 
 def test_pipeline_config_errors_name_the_key(tmp_path):
-    for flag, needle in [("--config.label.judge=magic", "config.label: judge must be one of"),
+    for flag, needle in [("--config.label.judge=magic", "config.label.judge must be one of"),
                          ("--config.collect.engine=google", "config.collect.engine"),
                          ("--config.collect.depth=3", "config.collect.depth = 3"),
                          ("--config.label.pairs=/nope.jsonl", "config.label.pairs")]:
@@ -378,7 +378,7 @@ def test_simulator_sft_configs_validate(name):
     sys.path.insert(0, REPO)
     config = importlib.import_module(f"configs.{name}").get_config()
     settings = pipeline.build_settings(config)
-    if name.endswith("paper"):  # REFERENCE section 8: lr 1e-6, batch 2, 1000 steps
+    if name.endswith("paper"):  # docs/method.md §8: lr 1e-6, batch 2, 1000 steps
         assert (settings.finetune.lr, settings.finetune.batch_size,
                 settings.finetune.steps) == (1e-6, 2, 1000)
         assert settings.label.judge == "trajectory"

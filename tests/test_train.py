@@ -195,7 +195,7 @@ def test_every_config_file_validates(name):
     config = importlib.import_module(f"configs.{name}").get_config()
     settings = train.build_settings(config)
     assert settings.update.advantage_estimator == config.algorithm.estimator
-    if name.startswith("zerosearch_"):  # the paper's settings (REFERENCE section 7)
+    if name.startswith("zerosearch_"):  # the paper's settings (docs/method.md §7)
         assert config.total_steps == 203 and config.prompts_per_step == 64
         assert config.rollout.samples_per_prompt == 5 and config.optim.lr == 1e-6
         assert config.simulator.model.startswith("sunhaonlp/SearchSimulation")
@@ -203,7 +203,7 @@ def test_every_config_file_validates(name):
 
 def test_trim_response_keeps_every_real_token_and_rounds_up():
     from zerosearch_jax import agent, train
-    from zerosearch_jax.agent.rollout import Piece
+    from zerosearch_jax.agent.environment import Piece
 
     P, R = 4, 448
     rows = [(3, 10), (4, 130)]  # (prompt, response) lengths
@@ -212,11 +212,11 @@ def test_trim_response_keeps_every_real_token_and_rounds_up():
               for _, r in rows]
     batch = agent.assemble_batch(prompts, pieces, np.array([1.0, 0.5], np.float32),
                                  np.arange(2), pad_id=0, prompt_length=P, response_length=R)
-    cut = train._trim_response(batch, R)
+    cut = train.trim_response(batch, R)
     assert cut.tokens.shape == (2, P + 256)  # 130 -> the next multiple of 128
     for name in ("tokens", "attention_mask", "positions", "loss_mask", "logprobs", "rewards"):
         np.testing.assert_array_equal(getattr(cut, name), getattr(batch, name)[:, :P + 256])
     assert cut.attention_mask.sum() == batch.attention_mask.sum()
     assert cut.rewards.sum() == batch.rewards.sum() == 1.5
     # Never longer than the packed batch.
-    assert train._trim_response(batch, 200).tokens.shape == (2, P + 200)
+    assert train.trim_response(batch, 200).tokens.shape == (2, P + 200)

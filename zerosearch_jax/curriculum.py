@@ -1,6 +1,6 @@
 """Noise curriculum: the probability that a simulated search call returns noisy documents.
 
-ZeroSearch (arXiv 2505.04588, eq. 2; REFERENCE section 4) raises the share of noisy simulator
+ZeroSearch (arXiv 2505.04588, eq. 2; docs/method.md §4) raises the share of noisy simulator
 documents during RL so the policy first learns the search format on easy (useful) documents and
 then learns to cope with poor ones:
 

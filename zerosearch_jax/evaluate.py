@@ -4,7 +4,7 @@
         [--config.model=runs/default/hf_policy] [--config.engine=bm25] \\
         [--config.datasets=nq,hotpotqa,bamboogle] [--config.sample_size=500]
 
-Methods (REFERENCE section 9), all greedy and batched:
+Methods (docs/method.md §9), all greedy and batched:
 - `direct`: the question, answered at once;
 - `cot`: think step by step, then answer;
 - `rag`: retrieve top-k once for the question with the engine, answer from the documents;
@@ -37,21 +37,24 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
-from zerosearch_jax import agent, rewards, sampling, search
-from zerosearch_jax.cli import setup_logging
+from zerosearch_jax import agent, inputs, models, rewards, sampling, search
+from zerosearch_jax.cli import run_command
 from zerosearch_jax.data import qa
 from zerosearch_jax.data.sources import load_qa
 from zerosearch_jax.inputs import ConfigError
+from zerosearch_jax.settings import build, check
+from zerosearch_jax.tokenizer import Tokenizer
 
 logger = logging.getLogger("zerosearch_jax.evaluate")
 
@@ -115,11 +118,6 @@ class Settings:
     output_dir: Path
 
 
-def _check(condition: bool, key: str, value: Any, expected: str) -> None:
-    if not condition:
-        raise ConfigError(f"config.{key} = {value!r}: expected {expected}")
-
-
 def _split_list(text: str) -> list[str]:
     return [part.strip() for part in str(text).split(",") if part.strip()]
 
@@ -141,10 +139,10 @@ def resolve_dataset(part: str, data_dir: str = "") -> DatasetSpec:
         default = part.split(":")[-1].rstrip("/").split("/")[-1]
         return DatasetSpec(display or default, part)
     if Path(part).suffix.lower() in (".jsonl", ".parquet"):
-        _check(Path(part).is_file(), "datasets", part, "an existing .jsonl / .parquet file")
+        check(Path(part).is_file(), "datasets", part, "an existing .jsonl / .parquet file")
         return DatasetSpec(display or Path(part).stem, part)
     name = part.lower()
-    _check(name in FLASHRAG_DATASETS, "datasets", part,
+    check(name in FLASHRAG_DATASETS, "datasets", part,
            f"comma-separated FlashRAG names {list(FLASHRAG_DATASETS)}, .jsonl/.parquet paths, "
            "hf:NAME[:CONFIG] ids or DISPLAY=SOURCE")
     if data_dir:
@@ -158,51 +156,45 @@ def resolve_dataset(part: str, data_dir: str = "") -> DatasetSpec:
 def build_settings(c: ml_collections.ConfigDict, workdir: str | None = None) -> Settings:
     """Validates the config (naming the bad key) and resolves the datasets."""
     methods = tuple(_split_list(c.methods))
-    _check(bool(methods) and all(m in METHODS for m in methods), "methods", c.methods,
+    check(bool(methods) and all(m in METHODS for m in methods), "methods", c.methods,
            f"comma-separated names from {list(METHODS)}")
-    _check(len(set(methods)) == len(methods), "methods", c.methods, "no repeated method")
+    check(len(set(methods)) == len(methods), "methods", c.methods, "no repeated method")
     needs_engine = bool({"rag", "agent"} & set(methods))
-    _check(c.engine in ENGINES, "engine", c.engine, f"one of {list(ENGINES)}")
+    check(c.engine in ENGINES, "engine", c.engine, f"one of {list(ENGINES)}")
     if needs_engine:
         if c.engine in ("searchr1", "zerosearch_wiki", "simulator_server"):
-            _check(str(c.url).startswith(("http://", "https://")), "url", c.url,
+            check(str(c.url).startswith(("http://", "https://")), "url", c.url,
                    f"an http(s) URL for engine {c.engine!r}")
         if c.engine == "bm25" and not (c.index_dir and search.BM25SearchEngine.is_index_dir(
                 c.index_dir)):
-            _check(c.corpus == "wiki" or Path(c.corpus).is_file(), "corpus", c.corpus,
+            check(c.corpus == "wiki" or Path(c.corpus).is_file(), "corpus", c.corpus,
                    "'wiki' or an existing Search-R1 jsonl file")
         if c.engine == "serpapi":
             key_env = search.http.SERPAPI_KEY_ENV
-            _check(bool(os.environ.get(key_env)), "engine", c.engine,
+            check(bool(os.environ.get(key_env)), "engine", c.engine,
                    f"an engine that needs no key, or {key_env} set in the environment")
         if c.engine in ("simulator", "simulator_server"):
             variants = search.simulator.SIMULATOR_VARIANTS
-            _check(c.simulator.variant in variants, "simulator.variant", c.simulator.variant,
+            check(c.simulator.variant in variants, "simulator.variant", c.simulator.variant,
                    f"one of {list(variants)}")
-    _check(isinstance(c.topk, int) and c.topk >= 1, "topk", c.topk, "an integer >= 1")
-    _check(isinstance(c.sample_size, int) and (c.sample_size >= 1 or c.sample_size == -1),
+    check(isinstance(c.topk, int) and c.topk >= 1, "topk", c.topk, "an integer >= 1")
+    check(isinstance(c.sample_size, int) and (c.sample_size >= 1 or c.sample_size == -1),
            "sample_size", c.sample_size, "an integer >= 1, or -1 for every question")
-    _check(c.batch_size >= 1, "batch_size", c.batch_size, "an integer >= 1")
+    check(c.batch_size >= 1, "batch_size", c.batch_size, "an integer >= 1")
     for key in ("max_new_tokens", "cot_max_new_tokens"):
-        _check(c[key] >= 1, key, c[key], "an integer >= 1")
-    _check(c.dtype in ("float32", "bfloat16"), "dtype", c.dtype, "float32 or bfloat16")
-    _check(c.on_error in ("raise", "skip"), "on_error", c.on_error, "raise or skip")
+        check(c[key] >= 1, key, c[key], "an integer >= 1")
+    check(c.dtype in ("float32", "bfloat16"), "dtype", c.dtype, "float32 or bfloat16")
+    check(c.on_error in ("raise", "skip"), "on_error", c.on_error, "raise or skip")
     parts = _split_list(c.datasets)
-    _check(bool(parts), "datasets", c.datasets, "at least one dataset")
+    check(bool(parts), "datasets", c.datasets, "at least one dataset")
     datasets = tuple(resolve_dataset(p, c.data_dir) for p in parts)
     names = [d.name for d in datasets]
-    _check(len(set(names)) == len(names), "datasets", c.datasets,
+    check(len(set(names)) == len(names), "datasets", c.datasets,
            f"distinct display names (got {names}; use DISPLAY=SOURCE)")
-    a = c.agent
-    try:
-        rollout = agent.RolloutConfig(
-            samples_per_prompt=1, max_turns=a.max_turns, max_new_tokens=a.max_new_tokens,
-            max_obs_tokens=a.max_obs_tokens, max_prompt_tokens=a.max_prompt_tokens,
-            max_context_tokens=a.max_context_tokens, chat_template=c.chat_template)
-    except ValueError as e:
-        raise ConfigError(f"config.agent: {e}") from None
+    rollout = build(agent.RolloutConfig, c.agent, "agent", samples_per_prompt=1,
+                    chat_template=c.chat_template)
     out = workdir or c.output_dir
-    _check(bool(out), "output_dir", c.output_dir, "a directory (or pass --workdir)")
+    check(bool(out), "output_dir", c.output_dir, "a directory (or pass --workdir)")
     return Settings(methods, datasets, None if c.sample_size == -1 else c.sample_size, rollout,
                     Path(out))
 
@@ -493,32 +485,18 @@ def run_batch(rt: Runtime, method: str, dataset: str, batch_index: int,
 
 
 def make_engine(c: ml_collections.ConfigDict, policy: tuple, tokenizer) -> search.SearchEngine:
-    """The engine of rag and agent; the simulator runs useful-only (noise probability 0)."""
-    if c.engine == "bm25":
-        return search.BM25SearchEngine.open(c.corpus, index_dir=c.index_dir or None, topk=c.topk)
-    if c.engine == "searchr1":
-        return search.SearchR1RetrieverClient(c.url, topk=c.topk)
-    if c.engine == "zerosearch_wiki":
-        return search.ZeroSearchWikiClient(c.url, topk=c.topk)
-    if c.engine == "serpapi":
-        return search.SerpAPIClient(topk=c.topk)
-    s = c.simulator
-    if c.engine == "simulator_server":
-        return search.SimulatorServerClient(
-            c.url, variant=s.variant, topk=c.topk, temperature=s.temperature,
-            max_new_tokens=s.max_new_tokens, noise_probability=0.0, seed=c.seed)
-    config, params = policy
-    if s.model and s.model != c.model:
-        import jax.numpy as jnp
-
-        from zerosearch_jax import models
-        from zerosearch_jax.tokenizer import Tokenizer
-
-        config, params = models.load_pretrained(s.model, dtype=jnp.dtype(c.dtype))
-        tokenizer = Tokenizer.from_pretrained(s.model)
-    return search.LLMSimulator(config, params, tokenizer, variant=s.variant, topk=c.topk,
-                               temperature=s.temperature, max_new_tokens=s.max_new_tokens,
-                               noise_probability=0.0, prime_reply=s.prime_reply, seed=c.seed)
+    """The engine of rag and agent (`inputs.make_engine`); the simulator runs useful-only
+    (noise probability 0), on the policy's weights unless `simulator.model` names others."""
+    model = None
+    if c.engine == "simulator":
+        config, params = policy
+        if c.simulator.model and c.simulator.model != c.model:
+            config, params = models.load_pretrained(c.simulator.model, dtype=jnp.dtype(c.dtype))
+            tokenizer = Tokenizer.from_pretrained(c.simulator.model)
+        model = (config, params, tokenizer)
+    return inputs.make_engine(c.engine, c, topk=c.topk, corpus=c.corpus, url=c.url,
+                              index_dir=c.index_dir, simulator=c.simulator, model=model,
+                              key="corpus" if c.engine == "bm25" else "engine")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -591,12 +569,6 @@ def _evaluate(c: ml_collections.ConfigDict, settings: Settings, data: dict,
 
     throughput: dict[str, dict[str, float]] = {}
     if work:
-        import jax.numpy as jnp
-        from tqdm import tqdm
-
-        from zerosearch_jax import models
-        from zerosearch_jax.tokenizer import Tokenizer
-
         tokenizer = Tokenizer.from_pretrained(c.tokenizer or c.model)
         config, params = models.load_pretrained(c.model, dtype=jnp.dtype(c.dtype))
         needs_engine = any(m in ("rag", "agent") for m, *_ in work)
@@ -644,31 +616,19 @@ def _evaluate(c: ml_collections.ConfigDict, settings: Settings, data: dict,
     return Report(table, md, csv_text, throughput)
 
 
+def _command(c: ml_collections.ConfigDict, workdir: str | None) -> int:
+    report = evaluate(c, workdir)
+    print(report.markdown)
+    for method, t in report.throughput.items():
+        print(f"throughput {method}: {t['questions']} questions in {t['seconds']:.1f} s = "
+              f"{t['questions_per_s']:.3f} questions/s (compilation included)")
+    return 0
+
+
 def main(argv=None):
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flag = config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
-                               "evaluate.py"), "ml_collections config file", lock_config=True)
-    workdir_flag = flags.DEFINE_string("workdir", None, "output directory (resumes the "
-                                       "evaluation it holds); default: config.output_dir")
-
-    def run(_):
-        setup_logging()
-        try:
-            report = evaluate(config_flag.value, workdir_flag.value)
-        except (ConfigError, qa.DataError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(report.markdown)
-        for method, t in report.throughput.items():
-            print(f"throughput {method}: {t['questions']} questions in {t['seconds']:.1f} s = "
-                  f"{t['questions_per_s']:.3f} questions/s (compilation included)")
-        return 0
-
-    app.run(lambda a: sys.exit(run(a)), argv=argv)
-
+    run_command(_command, "evaluate.py", "output directory (resumes the evaluation it holds); "
+                "default: config.output_dir", workdir_required=False,
+                errors=(ConfigError, qa.DataError), argv=argv)
 
 if __name__ == "__main__":
     main()

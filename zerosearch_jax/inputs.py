@@ -13,13 +13,10 @@ import ml_collections
 from zerosearch_jax import agent, models, search
 from zerosearch_jax.data import qa, synthetic
 from zerosearch_jax.data.sources import load_qa
+from zerosearch_jax.settings import ConfigError
 from zerosearch_jax.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work, named with its key."""
 
 
 def load_examples(spec: str, c: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None,
@@ -77,26 +74,55 @@ def world_passages(c) -> list[search.Passage]:
     return [search.Passage.from_contents(p["id"], p["contents"]) for p in world.passages]
 
 
-def make_real_engine(kind: str, c: ml_collections.ConfigDict, *, corpus: str = "",
-                     url: str = "", topk: int = 3) -> search.SearchEngine:
-    """A real engine: `bm25` over the synthetic world's passages (corpus "") or a corpus
-    ("wiki" or a Search-R1 jsonl), the Search-R1 HTTP retriever at `url`, or SerpAPI."""
-    if kind == "bm25":
-        passages = world_passages(c) if not corpus else search.load_corpus(corpus)
-        return search.BM25SearchEngine.build(passages, topk=topk)
-    if kind == "searchr1":
-        return search.SearchR1RetrieverClient(url, topk=topk)
-    if kind == "serpapi":
-        return search.SerpAPIClient(topk=topk)
-    raise ConfigError(f"engine {kind!r}: expected bm25, searchr1 or serpapi")
+REAL_ENGINES = ("bm25", "searchr1", "zerosearch_wiki", "serpapi")
+SIMULATED_ENGINES = ("simulator", "simulator_server")
+
+
+def make_engine(kind: str, c: ml_collections.ConfigDict, *, topk: int, corpus: str = "",
+                url: str = "", index_dir: str = "", simulator: ml_collections.ConfigDict | None
+                = None, model: tuple | None = None, server_model: str = "default",
+                noise_probability: float = 0.0, batch_size: int = 0,
+                key: str = "engine") -> search.SearchEngine:
+    """The one engine factory: training, validation, evaluation and simulator tuning build
+    their engines here, by `search` registry name.
+
+    kind: `bm25` over `corpus` ("": the synthetic world's passages of `c.data.synthetic_seed`;
+    "wiki"; a Search-R1 jsonl; an index kept in `index_dir`), `searchr1` / `zerosearch_wiki`
+    (HTTP at `url`), `serpapi`; `simulator` (in process; model = (config, params, tokenizer))
+    or `simulator_server` (OpenAI-compatible at `url`, serving `server_model`), with the
+    `simulator` config section's variant, temperature, max_new_tokens and prime_reply.
+    Errors name the config `key` the kind came from.
+    """
+    try:
+        if kind == "bm25":
+            source = ({"passages": world_passages(c)} if not corpus else
+                      {"corpus": corpus, "index_dir": index_dir or None})
+            return search.make_engine(kind, topk=topk, **source)
+        if kind in ("searchr1", "zerosearch_wiki"):
+            return search.make_engine(kind, url=url, topk=topk)
+        if kind == "serpapi":
+            return search.make_engine(kind, topk=topk)
+        if kind in SIMULATED_ENGINES:
+            s = simulator
+            common = dict(variant=s.variant, topk=topk, temperature=s.temperature,
+                          max_new_tokens=s.max_new_tokens, noise_probability=noise_probability,
+                          seed=c.seed)
+            if kind == "simulator_server":
+                return search.make_engine(kind, url=url, model=server_model, **common)
+            config, params, tokenizer = model
+            return search.make_engine(kind, config=config, params=params, tokenizer=tokenizer,
+                                      prime_reply=s.prime_reply, batch_size=batch_size, **common)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config.{key}: {e}") from None
+    raise ConfigError(f"config.{key} = {kind!r}: expected one of "
+                      f"{', '.join(REAL_ENGINES + SIMULATED_ENGINES)}")
 
 
 def make_validation_engine(c: ml_collections.ConfigDict) -> search.SearchEngine:
+    """The real engine of validation (and of the format warm-up's demonstrations)."""
     v = c.validation
-    try:
-        return make_real_engine(v.engine, c, corpus=v.corpus, url=v.url, topk=v.topk)
-    except FileNotFoundError as e:
-        raise ConfigError(f"config.validation.corpus: {e}") from None
+    key = "validation.corpus" if v.engine == "bm25" else "validation.engine"
+    return make_engine(v.engine, c, corpus=v.corpus, url=v.url, topk=v.topk, key=key)
 
 
 def check_models(c: ml_collections.ConfigDict) -> None:

@@ -225,3 +225,9 @@ def read_metrics(workdir_or_file: str | os.PathLike) -> list[dict[str, Any]]:
                 continue
             rows.append(row)
     return rows
+
+
+def summary(metrics: Mapping[str, float]) -> str:
+    """The top-level scores of a metrics dict on one line (`f1=0.500, em=0.438`); per-source
+    keys (`nq/f1`) are left out."""
+    return ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if "/" not in k)

@@ -3,7 +3,7 @@
 ZeroSearch trains on the token F1 of the final answer (EM invited reward hacking with long
 answers) and reports "EM" in its tables, which upstream computes as *cover* EM: the normalized gold
 answer is a substring of the normalized prediction. Both are reported here, as `em` (strict) and
-`cover_em`; see REFERENCE section 5.
+`cover_em`; see docs/method.md §5.
 
 Normalization follows SQuAD / Search-R1: lower-case, drop `string.punctuation`, replace the words
 a/an/the by a space, collapse white space.

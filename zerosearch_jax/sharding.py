@@ -266,6 +266,35 @@ def _local_shape(shape: tuple[int, int, int], n_local: int) -> tuple[int, int, i
     return (n_local // (tensor * fsdp), fsdp, tensor)
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The run's device layout (the config's `mesh` section): (data, fsdp, tensor) sizes with
+    at most one -1 (the devices left), the logical-axis rules, and an optional simulator
+    sub-mesh of the last `simulator_devices` devices of every process."""
+
+    shape: tuple[int, int, int] = (-1, 1, 1)
+    axis_rules: tuple = DEFAULT_RULES
+    simulator_devices: int = 0
+    simulator_shape: tuple[int, int, int] = (-1, 1, 1)
+
+    def __post_init__(self):
+        for name in ("shape", "simulator_shape"):
+            shape = tuple(getattr(self, name))
+            if not (len(shape) == 3 and shape.count(-1) <= 1 and all(
+                    isinstance(x, int) and (x >= 1 or x == -1) for x in shape)):
+                raise ValueError(f"{name} = {shape!r}: expected (data, fsdp, tensor) sizes >= 1, "
+                                 "with at most one -1 (inferred)")
+            object.__setattr__(self, name, shape)
+        object.__setattr__(self, "axis_rules", check_rules(self.axis_rules))
+        if self.simulator_devices < 0:
+            raise ValueError(f"simulator_devices = {self.simulator_devices}: expected >= 0 (0: "
+                             "the simulator shares the training devices)")
+
+    def make(self) -> Meshes:
+        return make_meshes(self.shape, self.axis_rules, self.simulator_devices,
+                           self.simulator_shape)
+
+
 def make_meshes(shape: Sequence[int], rules: Sequence = DEFAULT_RULES,
                 simulator_devices: int = 0, simulator_shape: Sequence[int] = (-1, 1, 1),
                 devices: Sequence | None = None) -> Meshes:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# Tags of the ZeroSearch policy template (REFERENCE section 2).
+# Tags of the ZeroSearch policy template (docs/method.md §2).
 AGENT_TAGS = ("<think>", "</think>", "<search>", "</search>", "<information>",
               "</information>", "<answer>", "</answer>")
 _EXTRA_EOS_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")

@@ -1,7 +1,8 @@
-"""The search agent: the ZeroSearch policy template and the multi-turn rollout."""
+"""The search agent: the ZeroSearch policy template, the environment it acts in, and the
+multi-turn rollouts (the host loop `rollout`, the in-graph `episode`)."""
 
-from zerosearch_jax.agent import episode, warmup
-from zerosearch_jax.agent.rollout import (
+from zerosearch_jax.agent import environment, episode, warmup
+from zerosearch_jax.agent.environment import (
     EpisodeStats,
     RolloutBatch,
     RolloutConfig,
@@ -9,8 +10,8 @@ from zerosearch_jax.agent.rollout import (
     assemble_batch,
     observation_ids,
     prompt_ids,
-    rollout,
 )
+from zerosearch_jax.agent.rollout import rollout
 from zerosearch_jax.agent.template import (
     INVALID_ACTION,
     POLICY_TEMPLATE,
@@ -23,6 +24,6 @@ from zerosearch_jax.agent.template import (
 
 __all__ = [
     "INVALID_ACTION", "POLICY_TEMPLATE", "STOP_TAGS", "Action", "EpisodeStats", "RolloutBatch",
-    "RolloutConfig", "SearchCall", "assemble_batch", "episode", "information_block",
+    "RolloutConfig", "SearchCall", "assemble_batch", "environment", "episode", "information_block",
     "observation_ids", "parse_action", "policy_prompt", "prompt_ids", "rollout", "warmup",
 ]

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zerosearch_jax import models, rewards, sampling
-from zerosearch_jax.agent.rollout import (
+from zerosearch_jax.agent.environment import (
     EpisodeStats,
     RolloutBatch,
     SearchCall,
@@ -655,26 +655,17 @@ def field_lengths(tokenizer: Tokenizer, examples, prompt: SimulatorPrompt) -> tu
     return _bucket(q, 32), _bucket(a, 8)
 
 
-def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer, examples, simulator, *,
-            rollout_config, sampler, rng: Array | int = 0,
-            noise_probability: float | None = None, batch_lengths=None, placement=None,
-            first_example: int = 0, field_widths: tuple[int, int] | None = None,
-            stepped: bool = False):
-    """`agent.rollout`'s contract, run as one program (`run`; `stepped`: `run_stepped`).
+def _prepare(config: models.ModelConfig, tokenizer: Tokenizer, examples, simulator, rc, sampler,
+             rng: Array, noise_probability: float | None, batch_lengths, placement,
+             first_example: int, field_widths: tuple[int, int] | None
+             ) -> tuple[EpisodeSpec, EpisodeInputs, float]:
+    """The program's static settings and device inputs from `rollout`'s arguments.
 
-    simulator: an `LLMSimulator` that `supports` accepts (its weights, temperature, token cap,
-    topk and variant are used; its host-side coins are not: the program draws its own from
-    `rng`). field_widths: (Lq, La) from `field_lengths` (default: this batch's, bucketed).
-    Returns (RolloutBatch, EpisodeStats) as `agent.rollout`.
+    -> (spec, inputs (prompts [Q, P], questions [Q, Lq], answers [Q, La], row keys [B], placed
+    along the batch axes when `placement` is given), the noise probability used).
     """
-    rc = rollout_config
-    if not examples:
-        raise ValueError("rollout needs at least one example")
-    if isinstance(rng, int):
-        rng = jax.random.key(rng)
-    t_start = time.perf_counter()
     n = rc.samples_per_prompt
-    Q, B = len(examples), len(examples) * n
+    B = len(examples) * n
     if placement is not None and B % placement.batch_shards:
         raise ValueError(f"{B} rows do not split over {placement.batch_shards} batch shards")
     prompts = [checked_prompt_ids(tokenizer, ex, rc) for ex in examples]
@@ -707,11 +698,33 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer, examples, 
         inputs = jax.tree.map(lambda x: jax.device_put(
             x, placement.batch_sharding(x.ndim) if x.shape[:1] == (B,) else
             placement.replicated()), inputs)
-    out = (run_stepped if stepped else run)(spec, params, simulator.params, inputs)
-    out = jax.device_get(out)
-    t_device = time.perf_counter() - t_start
+    return spec, inputs, noise
 
-    # Host: texts for the reward and the logs.
+
+def _search_calls(tokenizer: Tokenizer, out: EpisodeTokens, topk: int) -> list[list[SearchCall]]:
+    """Each row's engine calls, decoded from a finished rollout (host arrays: turn_tokens
+    [Tn, B, N], query_start / query_len [Tn, B], docs [Tn-1, B, M], doc_len / useful / called
+    [Tn-1, B])."""
+    Tn, B = out.turn_tokens.shape[:2]
+    calls = [[] for _ in range(B)]
+    for t in range(Tn - 1):
+        for b in np.flatnonzero(out.called[t]):
+            qs, ql = out.query_start[t, b], out.query_len[t, b]
+            docs = clean_simulator_output(
+                tokenizer.decode(out.docs[t, b, :out.doc_len[t, b]]), topk)
+            calls[b].append(SearchCall(t, tokenizer.decode(out.turn_tokens[t, b, qs:qs + ql])
+                                       .strip(), docs, bool(out.useful[t, b]), bool(docs)))
+    return calls
+
+
+def _results(tokenizer: Tokenizer, spec: EpisodeSpec, examples, simulator, out: EpisodeTokens,
+             noise: float, first_example: int, t_start: float, t_device: float
+             ) -> tuple[RolloutBatch, EpisodeStats]:
+    """The host side of a finished rollout (`out`: host arrays, [B, T] learner arrays and
+    [Tn, B, ...] per-turn ones): the turns decoded for the F1 reward and the logs.
+    -> (RolloutBatch [B, T], EpisodeStats)."""
+    n = spec.samples
+    Q, B = len(examples), len(examples) * n
     rows = [ex for ex in examples for _ in range(n)]
     Tn = out.turn_tokens.shape[0]
     turns = [[tokenizer.decode(out.turn_tokens[t, b, :out.turn_len[t, b]])
@@ -726,14 +739,7 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer, examples, 
     token_rewards = np.zeros(out.tokens.shape, np.float32)
     has = out.last_policy >= 0
     token_rewards[np.flatnonzero(has), out.last_policy[has]] = f1[has]
-    calls = [[] for _ in range(B)]
-    for t in range(Tn - 1):
-        for b in np.flatnonzero(out.called[t]):
-            qs, ql = out.query_start[t, b], out.query_len[t, b]
-            docs = clean_simulator_output(
-                tokenizer.decode(out.docs[t, b, :out.doc_len[t, b]]), simulator.topk)
-            calls[b].append(SearchCall(t, tokenizer.decode(out.turn_tokens[t, b, qs:qs + ql])
-                                       .strip(), docs, bool(out.useful[t, b]), bool(docs)))
+    calls = _search_calls(tokenizer, out, simulator.topk)
     called = out.called.astype(np.int32)
     batch = RolloutBatch(
         tokens=out.tokens, attention_mask=out.attention_mask, positions=out.positions,
@@ -751,3 +757,30 @@ def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer, examples, 
         timings={"program_s": t_device, "total_s": time.perf_counter() - t_start},
         generated_tokens=int(out.loss_mask.sum()), calls=calls, turns=turns)
     return batch, stats
+
+
+def rollout(config: models.ModelConfig, params, tokenizer: Tokenizer, examples, simulator, *,
+            rollout_config, sampler, rng: Array | int = 0,
+            noise_probability: float | None = None, batch_lengths=None, placement=None,
+            first_example: int = 0, field_widths: tuple[int, int] | None = None,
+            stepped: bool = False):
+    """`agent.rollout`'s contract, run as one program (`run`; `stepped`: `run_stepped`).
+
+    simulator: an `LLMSimulator` that `supports` accepts (its weights, temperature, token cap,
+    topk and variant are used; its host-side coins are not: the program draws its own from
+    `rng`). field_widths: (Lq, La) from `field_lengths` (default: this batch's, bucketed).
+    Returns (RolloutBatch, EpisodeStats) as `agent.rollout`.
+    """
+    if not examples:
+        raise ValueError("rollout needs at least one example")
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    t_start = time.perf_counter()
+    spec, inputs, noise = _prepare(config, tokenizer, examples, simulator, rollout_config,
+                                   sampler, rng, noise_probability, batch_lengths, placement,
+                                   first_example, field_widths)
+    out = (run_stepped if stepped else run)(spec, params, simulator.params, inputs)
+    out = jax.device_get(out)
+    t_device = time.perf_counter() - t_start
+    return _results(tokenizer, spec, examples, simulator, out, noise, first_example, t_start,
+                    t_device)

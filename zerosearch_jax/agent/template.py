@@ -1,4 +1,4 @@
-"""The ZeroSearch policy template and action parsing (REFERENCE section 2).
+"""The ZeroSearch policy template and action parsing (docs/method.md §2).
 
 The texts are interface constants: released checkpoints were trained on them, typo included
 ("as your want").

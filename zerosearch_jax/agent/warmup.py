@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from zerosearch_jax import rewards
-from zerosearch_jax.agent.rollout import (
+from zerosearch_jax.agent.environment import (
     Piece,
     RolloutConfig,
     assemble_batch,

@@ -337,7 +337,7 @@ def load_file(path: str | Path, limit: int | None = None,
 def sample(examples: Sequence[QAExample], n: int | None, seed: int) -> list[QAExample]:
     """A fixed-seed subset of `n` examples, in their original order; all when n is None or >= len.
 
-    Used to draw the 500-question evaluation subsets (REFERENCE section 9) reproducibly.
+    Used to draw the 500-question evaluation subsets (docs/method.md §9) reproducibly.
     """
     if n is not None and n < 0:
         raise ValueError(f"n must be >= 0 or None, got {n!r}")

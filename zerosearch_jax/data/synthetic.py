@@ -403,6 +403,10 @@ def _passage(passage_id: str, title: str, text: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+# add(subject, key, question, answers, support=()): records one question.
+_Add = Callable[..., None]
+
+
 def _make_questions(w: World, pid: Callable[[str, int], str]) -> list[_Question]:
     """All questions; `pid(kind, index)` gives an entity's passage id."""
     text = {p["id"]: p["contents"] for p in w.passages}
@@ -428,9 +432,18 @@ def _make_questions(w: World, pid: Callable[[str, int], str]) -> list[_Question]
             )
         )
 
-    def person_answers(p: Person):
-        return (p.name, p.surname)
+    for kind_questions in (_place_questions, _person_questions, _company_questions,
+                           _invention_questions):
+        kind_questions(w, pid, add)
+    return questions
 
+
+def _person_answers(p: Person) -> tuple[str, str]:
+    return (p.name, p.surname)
+
+
+def _place_questions(w: World, pid: Callable[[str, int], str], add: _Add) -> None:
+    """The questions about countries and cities, each given to `add` (see `_make_questions`)."""
     for i, c in enumerate(w.countries):
         capital = w.cities[c.capital]
         add(pid("country", i), "capital", f"What is the capital of {c.name}?", [capital.name])
@@ -445,6 +458,10 @@ def _make_questions(w: World, pid: Callable[[str, int], str]) -> list[_Question]
             add(pid("city", i), "country_capital",
                 f"What is the capital of the country where {c.name} is located?",
                 [w.cities[country.capital].name], [pid("country", c.country)])
+
+
+def _person_questions(w: World, pid: Callable[[str, int], str], add: _Add) -> None:
+    """The questions about people, each given to `add` (see `_make_questions`)."""
     for i, p in enumerate(w.people):
         city = w.cities[p.birthplace]
         add(pid("person", i), "birth_city", f"In which city was {p.name} born?", [city.name])
@@ -456,10 +473,14 @@ def _make_questions(w: World, pid: Callable[[str, int], str]) -> list[_Question]
         add(pid("person", i), "birth_city_founded",
             f"In what year was the city where {p.name} was born founded?", [city.founded],
             [pid("city", p.birthplace)])
+
+
+def _company_questions(w: World, pid: Callable[[str, int], str], add: _Add) -> None:
+    """The questions about companies, each given to `add` (see `_make_questions`)."""
     for i, co in enumerate(w.companies):
         founder = w.people[co.founder]
         hq = w.cities[co.headquarters]
-        add(pid("company", i), "founder", f"Who founded {co.name}?", person_answers(founder))
+        add(pid("company", i), "founder", f"Who founded {co.name}?", _person_answers(founder))
         add(pid("company", i), "headquarters", f"In which city is {co.name} headquartered?",
             [hq.name])
         add(pid("company", i), "founded", f"In what year was {co.name} founded?", [co.founded])
@@ -476,10 +497,14 @@ def _make_questions(w: World, pid: Callable[[str, int], str]) -> list[_Question]
         add(pid("company", i), "headquarters_country",
             f"In which country is the headquarters of {co.name}?",
             [w.countries[hq.country].name], [pid("city", co.headquarters)])
+
+
+def _invention_questions(w: World, pid: Callable[[str, int], str], add: _Add) -> None:
+    """The questions about inventions, each given to `add` (see `_make_questions`)."""
     for i, inv in enumerate(w.inventions):
         inventor = w.people[inv.inventor]
         add(pid("invention", i), "inventor", f"Who invented the {inv.name}?",
-            person_answers(inventor))
+            _person_answers(inventor))
         add(pid("invention", i), "year", f"In what year was the {inv.name} invented?", [inv.year])
         add(pid("invention", i), "inventor_birth_city",
             f"In which city was the inventor of the {inv.name} born?",
@@ -487,7 +512,6 @@ def _make_questions(w: World, pid: Callable[[str, int], str]) -> list[_Question]
         add(pid("invention", i), "inventor_occupation",
             f"What was the occupation of the inventor of the {inv.name}?",
             [inventor.occupation], [pid("person", inv.inventor)])
-    return questions
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,9 +3,16 @@
     config, params = load_pretrained("smollm2-135m-instruct", dtype=jnp.bfloat16)
     logits = forward(config, params, input_ids, attention_mask)   # [B, T, V] float32
     save_pretrained(config, params, "out/hf", tokenizer=tok)       # loads in transformers
+    logp, entropy = head_logprobs_entropy(hidden, head_weight(config, params), targets)
 """
 
 from zerosearch_jax.models.config import ConfigError, ModelConfig, RopeScaling, tiny_config
+from zerosearch_jax.models.head import (
+    entropy_from_logits,
+    head_logprobs_entropy,
+    shifted_logprobs,
+    token_logprobs,
+)
 from zerosearch_jax.models.hub import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_model
 from zerosearch_jax.models.transformer import (
     KVCache,
@@ -28,6 +35,7 @@ from zerosearch_jax.models.weights import (
     WeightsError,
     assemble_params,
     hf_tensors,
+    is_exported,
     load_pretrained,
     read_hf_config,
     save_pretrained,
@@ -36,8 +44,9 @@ from zerosearch_jax.models.weights import (
 __all__ = [
     "DEFAULT_MODEL", "EMBEDDED_MODELS", "ConfigError", "GGUFSource", "KVCache", "ModelConfig",
     "RopeScaling", "SafetensorsSource", "Transformer", "WeightsError", "assemble_params",
-    "cache_logical_axes", "causal_attention_mask", "extend", "forward", "hf_tensors", "init_cache",
-    "init_params", "load_pretrained", "param_logical_axes", "param_shapes", "positions_from_mask",
+    "cache_logical_axes", "causal_attention_mask", "entropy_from_logits", "extend", "forward",
+    "hf_tensors", "init_cache", "init_params", "is_exported", "load_pretrained",
+    "param_logical_axes", "param_shapes", "positions_from_mask", "head_logprobs_entropy",
     "head_weight", "project_logits", "read_hf_config", "resolve_model", "save_pretrained",
-    "tiny_config",
+    "shifted_logprobs", "tiny_config", "token_logprobs",
 ]

@@ -7,7 +7,7 @@ Every weight is declared with logical axis names (`vocab`, `embed`, `mlp`, `kv_h
 
 Weight layout. Matrices are stored output-major ([out, in], the PyTorch layout) and contracted on
 their last axis, with q|k|v fused into one tensor and gate|up into another: on CPU this layout is
-the fastest for skinny decode matmuls (ENVIRONMENT.md measured 350 vs 267 tok/s at batch 8), and
+the fastest for skinny decode matmuls (350 vs 267 tok/s at batch 8, docs/benchmarks.md), and
 on TPU/GPU XLA picks its own physical layout anyway.
 
     qkv_weight    [K*(G+2)*D, E]  per KV head k: its G query heads, its key, its value

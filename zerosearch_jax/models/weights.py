@@ -485,3 +485,10 @@ def save_pretrained(config: ModelConfig, params, out_dir: str, tokenizer=None,
     if tokenizer is not None:
         getattr(tokenizer, "hf", tokenizer).save_pretrained(out_dir)
     return out_dir
+
+
+def is_exported(hf_dir: str) -> bool:
+    """Whether `hf_dir` holds a complete `save_pretrained` export: it renames its files into
+    place last, so config.json plus weights mean a complete one (a stage's cache)."""
+    return os.path.isdir(hf_dir) and os.path.exists(os.path.join(hf_dir, "config.json")) and any(
+        name.endswith(".safetensors") for name in os.listdir(hf_dir))

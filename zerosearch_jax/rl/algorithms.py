@@ -5,7 +5,7 @@ laid out as in `agent.RolloutBatch`). Each variant is one small function with it
 the docstring, chosen by name from a registry (`ADVANTAGE_ESTIMATORS`, `KL_ESTIMATORS`); the
 configs are frozen dataclasses, validated when built and static under `jax.jit`.
 
-Conventions (REFERENCE section 7):
+Conventions (docs/method.md §7):
 - `mask` / `response_mask` is the rollout's `loss_mask`: 1 exactly on tokens the policy sampled.
   Prompt, padding and everything the environment inserted (information blocks, invalid-action
   messages) are 0 and take no part in any loss, entropy or KL term, nor in any statistic.
@@ -13,7 +13,8 @@ Conventions (REFERENCE section 7):
   arithmetic, so values and gradients there are exactly 0.
 - `token_rewards` holds the scalar episode reward on the last policy token, 0 elsewhere.
 - Log-probs are indexed by the token's own position: entry t is log p(tokens[t] | tokens[<t])
-  (`shifted_logprobs` builds them from logits).
+  (`models.shifted_logprobs` builds them from logits, `training.policy_logprobs` from the
+  model).
 - Advantages are computed once on the whole rollout batch (GRPO groups and whitening use batch
   statistics); losses return (sum, count) so a step split into micro-batches, or sharded over
   data-parallel devices, divides once by the total count and gets the exact token mean.
@@ -35,7 +36,6 @@ adds it, and `LossConfig(upstream_kl_sign=True)` reproduces upstream's sign for 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Protocol
 
 import jax
@@ -104,11 +104,10 @@ def masked_whiten(x: Array, mask: Array, shift_mean: bool = True) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class AdvantageConfig:
-    """Hyper-parameters of the advantage estimators (REFERENCE section 7 defaults)."""
+    """Hyper-parameters of the advantage estimators (docs/method.md §7 defaults)."""
 
     gamma: float = 1.0  # discount (gae, reinforce_pp).
     lam: float = 1.0  # GAE lambda (gae).
-    kl_coef: float = 0.001  # per-token KL penalty in the reward when token_kl is given.
     whiten: bool = True  # whiten token advantages over the batch's mask (gae, reinforce_pp).
     eps: float = 1e-6  # GRPO: (r - mean) / (std + eps).
 
@@ -117,8 +116,6 @@ class AdvantageConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-        if not self.kl_coef >= 0.0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef!r}")
         if not self.eps > 0.0:
             raise ValueError(f"eps must be > 0, got {self.eps!r}")
 
@@ -126,7 +123,7 @@ class AdvantageConfig:
 class AdvantageEstimator(Protocol):
     def __call__(self, token_rewards: Array, response_mask: Array, *,
                  group_ids: Array | None = None, values: Array | None = None,
-                 token_kl: Array | None = None,
+                 kl_penalty: Array | None = None,
                  config: AdvantageConfig = AdvantageConfig()) -> tuple[Array, Array]: ...
 
 
@@ -135,12 +132,13 @@ def _episode_scores(token_rewards: Array) -> Array:
     return jnp.sum(token_rewards.astype(jnp.float32), axis=-1)
 
 
-def _kl_penalized(token_rewards: Array, token_kl: Array | None, kl_coef: float) -> Array:
-    """r_t - kl_coef * kl_t (veRL's KL-in-reward); the rewards unchanged when token_kl is None."""
+def _kl_penalized(token_rewards: Array, kl_penalty: Array | None) -> Array:
+    """r_t - kl_penalty_t (veRL's KL-in-reward: the penalty is kl_coef * KL_t, scaled by the
+    caller, whose loss config holds the one kl_coef); the rewards unchanged when None."""
     rewards = token_rewards.astype(jnp.float32)
-    if token_kl is None:
+    if kl_penalty is None:
         return rewards
-    return rewards - kl_coef * token_kl.astype(jnp.float32)
+    return rewards - kl_penalty.astype(jnp.float32)
 
 
 def _masked_gae(rewards: Array, values: Array, mask: Array, gamma: float, lam: float) -> Array:
@@ -173,14 +171,14 @@ def _masked_gae(rewards: Array, values: Array, mask: Array, gamma: float, lam: f
 
 def reinforce_advantages(token_rewards: Array, response_mask: Array, *,
                          group_ids: Array | None = None, values: Array | None = None,
-                         token_kl: Array | None = None,
+                         kl_penalty: Array | None = None,
                          config: AdvantageConfig = AdvantageConfig()) -> tuple[Array, Array]:
     """REINFORCE (Williams 1992), the ZeroSearch default: no baseline, no whitening.
 
         A_t = G_t = R = sum_t r_t      on every response token (mask 1), 0 elsewhere
 
     token_rewards, response_mask [B, T] -> (advantages, returns) [B, T] float32. group_ids,
-    values, token_kl and config are unused (the KL term lives in the loss).
+    values, kl_penalty and config are unused (the KL term lives in the loss).
     """
     mask = _as_mask(response_mask)
     adv = _where_mask(jnp.broadcast_to(_episode_scores(token_rewards)[:, None], mask.shape), mask)
@@ -189,7 +187,7 @@ def reinforce_advantages(token_rewards: Array, response_mask: Array, *,
 
 def grpo_advantages(token_rewards: Array, response_mask: Array, *,
                     group_ids: Array | None = None, values: Array | None = None,
-                    token_kl: Array | None = None,
+                    kl_penalty: Array | None = None,
                     config: AdvantageConfig = AdvantageConfig()) -> tuple[Array, Array]:
     """GRPO (Shao et al. 2024, DeepSeekMath) outcome advantages, normalized within a prompt.
 
@@ -221,24 +219,24 @@ def grpo_advantages(token_rewards: Array, response_mask: Array, *,
 
 def gae_advantages(token_rewards: Array, response_mask: Array, *,
                    group_ids: Array | None = None, values: Array | None = None,
-                   token_kl: Array | None = None,
+                   kl_penalty: Array | None = None,
                    config: AdvantageConfig = AdvantageConfig()) -> tuple[Array, Array]:
     """PPO's GAE (Schulman et al. 2016) with a critic, over the response tokens only.
 
-        r_t     = token_rewards_t - kl_coef * token_kl_t        (KL in the reward, if given)
+        r_t     = token_rewards_t - kl_penalty_t                (KL in the reward, if given)
         delta_t = r_t + gamma * V_next(t) - V_t
         A_t     = delta_t + gamma * lam * A_next(t)
         returns = A + V                      (before whitening; the critic's target)
         A       = whiten(A) over all mask-1 tokens of the batch   (if config.whiten)
 
     next(t) is the next policy token of the row (observation tokens are skipped, see the module
-    docstring). token_rewards, response_mask, values, token_kl [B, T] -> (advantages, returns)
+    docstring). token_rewards, response_mask, values, kl_penalty [B, T] -> (advantages, returns)
     [B, T] float32, 0 off the mask.
     """
     if values is None:
         raise ValueError("gae needs values ([B, T] critic values), got None")
     mask = _as_mask(response_mask)
-    rewards = _kl_penalized(token_rewards, token_kl, config.kl_coef)
+    rewards = _kl_penalized(token_rewards, kl_penalty)
     adv = _masked_gae(rewards, values, mask, config.gamma, config.lam)
     returns = _where_mask(adv + values.astype(jnp.float32), mask)
     if config.whiten:
@@ -248,22 +246,22 @@ def gae_advantages(token_rewards: Array, response_mask: Array, *,
 
 def reinforce_pp_advantages(token_rewards: Array, response_mask: Array, *,
                             group_ids: Array | None = None, values: Array | None = None,
-                            token_kl: Array | None = None,
+                            kl_penalty: Array | None = None,
                             config: AdvantageConfig = AdvantageConfig()
                             ) -> tuple[Array, Array]:
     """REINFORCE++ (Hu 2025): critic-free token-level returns, normalized over the batch.
 
-        r_t = token_rewards_t - kl_coef * token_kl_t          (per-token KL penalty, if given)
+        r_t = token_rewards_t - kl_penalty_t                  (per-token KL penalty, if given)
         G_t = r_t + gamma * G_next(t)
         A   = whiten(G) over all mask-1 tokens of the batch   (if config.whiten)
 
     next(t) is the next policy token of the row (observation tokens are skipped; veRL instead
     resets the return at every mask-0 token, which would cut a multi-turn episode at its first
-    observation). token_rewards, response_mask, token_kl [B, T] -> (advantages, returns)
+    observation). token_rewards, response_mask, kl_penalty [B, T] -> (advantages, returns)
     [B, T] float32, 0 off the mask.
     """
     mask = _as_mask(response_mask)
-    rewards = _kl_penalized(token_rewards, token_kl, config.kl_coef)
+    rewards = _kl_penalized(token_rewards, kl_penalty)
     returns = _masked_gae(rewards, jnp.zeros_like(rewards), mask, config.gamma, 1.0)
     adv = masked_whiten(returns, mask) if config.whiten else returns
     return adv, returns
@@ -335,139 +333,6 @@ def get_kl_estimator(name: str) -> KLEstimator:
     except KeyError:
         raise ValueError(f"unknown KL estimator {name!r}; valid names: "
                          f"{sorted(KL_ESTIMATORS)}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-probs and entropy from logits
-# ---------------------------------------------------------------------------------------------
-
-
-def token_logprobs(logits: Array, targets: Array) -> Array:
-    """log softmax(logits)[targets] in float32: logits [B, T, V], targets [B, T] int -> [B, T].
-
-    Computed as logit - logsumexp so no [B, T, V] log-softmax is kept beside the logits.
-    """
-    logits = logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
-
-
-def shifted_logprobs(logits: Array, tokens: Array) -> Array:
-    """Log-probs aligned with the tokens: logits [B, T, V] (position t predicts t + 1),
-    tokens [B, T] -> [B, T] float32 with entry t = log p(tokens[t] | tokens[<t]), entry 0 = 0.
-
-    This is the layout of `RolloutBatch.logprobs` / `loss_mask` (indexed by the token's own
-    position), so the result is masked with `loss_mask` directly.
-    """
-    logp = token_logprobs(logits[:, :-1], tokens[:, 1:])
-    return jnp.pad(logp, ((0, 0), (1, 0)))
-
-
-def entropy_from_logits(logits: Array) -> Array:
-    """H = logsumexp(z) - sum_v softmax(z)_v z_v, as -sum p log p; logits [B, T, V] -> [B, T]
-    float32. Stable for large logits and for -inf logits (p = 0 contributes 0, not nan)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    p = jnp.exp(logp)
-    # Select before multiplying: 0 * -inf would be nan in the value and in the gradient.
-    return -jnp.sum(p * jnp.where(p > 0, logp, 0.0), axis=-1)
-
-def _head_chunk(hidden: Array, head: Array, dtype, temperature: float) -> Array:
-    """hidden [B, C, E] -> float32 logits [B, C, V] / temperature (dtype inputs, f32 sums)."""
-    z = jnp.einsum("bce,ve->bcv", hidden.astype(dtype), head.astype(dtype),
-                   preferred_element_type=jnp.float32)
-    return z / temperature
-
-
-def _head_chunks(x: Array, chunk: int) -> tuple[Array, int]:
-    """[B, T, ...] -> [n, B, chunk, ...] (T padded to n * chunk with zeros) and the pad."""
-    B, T = x.shape[:2]
-    pad = -T % chunk
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return x.reshape(B, -1, chunk, *x.shape[2:]).swapaxes(0, 1), pad
-
-
-def _head_unchunk(y: Array, T: int) -> Array:
-    """[n, B, chunk] -> [B, T]."""
-    return y.swapaxes(0, 1).reshape(y.shape[1], -1)[:, :T]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def head_logprobs_entropy(hidden: Array, head: Array, targets: Array, dtype=jnp.bfloat16,
-                          temperature: float = 1.0, chunk: int = 128) -> tuple[Array, Array]:
-    """Token log-probs and entropies of the LM head's distribution, without materializing the
-    [B, T, V] logits.
-
-    hidden [B, T, E] (final-norm states), head [V, E] (LM head or tied embedding), targets
-    [B, T] int -> (log p(targets[t] | position t) [B, T], entropy at position t [B, T]), both
-    float32, for z = hidden @ head.T / temperature with `dtype` matmul inputs and float32
-    accumulation.
-
-    The positions are processed `chunk` at a time (a `lax.map`): the forward pass keeps only
-    logsumexp and E_p[z] per position, and the backward pass recomputes each chunk's logits,
-    using
-
-        d logp / dz = onehot(target) - p          d H / dz = -p * (z - E_p[z])
-
-    so neither pass holds more than one [B, chunk, V] float32 block. Against the plain
-    logits -> log-softmax -> entropy graph this trades one extra head matmul for several
-    fewer passes over [B, T, V] arrays and a much smaller peak (the full float32 logits of a
-    4 x 256 batch of a 49k vocabulary are 200 MB, kept for the backward pass, several times).
-    """
-    out, _ = _head_fwd(hidden, head, targets, dtype, temperature, chunk)
-    return out
-
-
-def _head_fwd(hidden, head, targets, dtype, temperature, chunk):
-    T = hidden.shape[1]
-    hs, _ = _head_chunks(hidden, chunk)
-    ts, _ = _head_chunks(targets.astype(jnp.int32), chunk)
-
-    def one(args):
-        h, t = args
-        z = _head_chunk(h, head, dtype, temperature)
-        m = jnp.max(z, axis=-1, keepdims=True)
-        e = jnp.exp(z - m)
-        # sum(e) and sum(e * z) in one variadic reduce: a single pass over the block, and on
-        # XLA:CPU a native loop (its YNNPACK reduce fusions, which take plain sums, ran the
-        # two sums ~2.5x slower here).
-        s, sz = jax.lax.reduce((e, e * z), (jnp.float32(0), jnp.float32(0)),
-                               lambda a, b: (a[0] + b[0], a[1] + b[1]), (z.ndim - 1,))
-        lse = m[..., 0] + jnp.log(s)
-        picked = jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0]
-        return picked - lse, lse, sz / s
-
-    logp, lse, ez = (_head_unchunk(y, T) for y in jax.lax.map(one, (hs, ts)))
-    return (logp, lse - ez), (hidden, head, targets, lse, ez)
-
-
-def _head_bwd(dtype, temperature, chunk, residuals, cotangents):
-    hidden, head, targets, lse, ez = residuals
-    g_logp, g_ent = cotangents
-    T = hidden.shape[1]
-    hs, _ = _head_chunks(hidden, chunk)
-    ts, _ = _head_chunks(targets.astype(jnp.int32), chunk)
-    # Padded positions get zero cotangents, so they add nothing to either gradient.
-    gs = [_head_chunks(x.astype(jnp.float32), chunk)[0] for x in (g_logp, g_ent, lse, ez)]
-    cd = jnp.dtype(dtype)
-
-    def one(d_head, args):
-        h, t, gl, ge, l_, e_ = args
-        z = _head_chunk(h, head, dtype, temperature)
-        p = jnp.exp(z - l_[..., None])
-        onehot = jax.nn.one_hot(t, z.shape[-1], dtype=jnp.float32)
-        dz = gl[..., None] * (onehot - p) - ge[..., None] * p * (z - e_[..., None])
-        dz = (dz / temperature).astype(cd)
-        dh = jnp.einsum("bcv,ve->bce", dz, head.astype(cd), preferred_element_type=jnp.float32)
-        d_head = d_head + jnp.einsum("bcv,bce->ve", dz, h.astype(cd),
-                                     preferred_element_type=jnp.float32)
-        return d_head, dh
-
-    d_head, dh = jax.lax.scan(one, jnp.zeros(head.shape, jnp.float32), (hs, ts, *gs))
-    dh = dh.swapaxes(0, 1).reshape(hidden.shape[0], -1, hidden.shape[-1])[:, :T]
-    return dh.astype(hidden.dtype), d_head.astype(head.dtype), None
-
-
-head_logprobs_entropy.defvjp(_head_fwd, _head_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,7 +411,7 @@ def value_loss(values: Array, old_values: Array, returns: Array, mask: Array,
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Actor / critic loss hyper-parameters (REFERENCE section 7 defaults)."""
+    """Actor / critic loss hyper-parameters (docs/method.md §7 defaults)."""
 
     clip_low: float = 0.2  # ratio clipped below at 1 - clip_low.
     clip_high: float = 0.2  # ratio clipped above at 1 + clip_high (> clip_low: "clip-higher").

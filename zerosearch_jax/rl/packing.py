@@ -3,7 +3,8 @@
 A rollout batch holds B episodes as [B, T] rows, each padded to the step's longest; an update
 over those rows pays for the padding (a third of the slots in the default job). Here several
 episodes share a row of `row_length` tokens, separated by segment ids (attention stays within
-an episode), and rows are grouped into micro-batches of `rows` rows:
+an episode: `training.segment_attention_mask`), and rows are grouped into micro-batches of
+`rows` rows:
 
     batch [B, T]  --plan (host, numpy)-->  Layout: index maps, [M, rows, L] micro-batches
     ref/old/value forwards:  gather [B, T] -> packed micro-batches, run, scatter back to [B, T]
@@ -228,16 +229,3 @@ def unpack(packed: Array, layout: Layout) -> Array:
     """[M, R, L] packed values back to the batch's [B, T] (padding slots of the batch read the
     value of packed slot 0; every consumer masks them)."""
     return jnp.take(packed.reshape(-1), layout.unpack_index, axis=0)
-
-
-def segment_attention_mask(segment: Array, prefix: Array | None = None) -> Array:
-    """segment, prefix [B, L] int -> [B, L, L] bool: query t sees keys s <= t of its own
-    segment (0 = padding, never seen) and every key of the shared prompt `prefix[t]` (placed
-    before it in the row; 0: none)."""
-    L = segment.shape[-1]
-    causal = jnp.tril(jnp.ones((L, L), bool))
-    keys = segment[:, None, :]
-    mask = causal[None] & (segment[:, :, None] == keys) & (keys > 0)
-    if prefix is not None:
-        mask = mask | ((prefix[:, :, None] == keys) & (prefix[:, :, None] > 0))
-    return mask

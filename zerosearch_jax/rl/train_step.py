@@ -18,7 +18,8 @@ Host and device meet at three pure functions, each jitted once per run:
   kept) and is reported in the metrics as `nonfinite`; the training loop stops after too many.
 
 `make_train_fns` closes over the static pieces (configs, optimizers, shardings) and returns
-jitted functions with explicit shardings and donated state, PureJaxRL style.
+jitted functions with explicit shardings and donated state, PureJaxRL style. The generic pieces
+(`TrainState`, `make_optimizer`, `apply_if_finite`, `policy_logprobs`) are in `training`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from zerosearch_jax import models
+from zerosearch_jax import models, training
 from zerosearch_jax.rl import algorithms as algo
 from zerosearch_jax.rl import packing
 from zerosearch_jax.sharding import DEFAULT_RULES, Placement
@@ -44,7 +45,7 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class UpdateConfig:
-    """How one rollout batch becomes optimizer steps (REFERENCE section 7 defaults)."""
+    """How one rollout batch becomes optimizer steps (docs/method.md §7 defaults)."""
 
     advantage_estimator: str = "reinforce"  # one of rl.ADVANTAGE_ESTIMATORS.
     ppo_epochs: int = 1  # passes over the batch.
@@ -52,7 +53,7 @@ class UpdateConfig:
     micro_batch_size: int = 4  # rows per forward/backward (gradient accumulation).
     loss: algo.LossConfig = algo.LossConfig()
     advantage: algo.AdvantageConfig = algo.AdvantageConfig()
-    kl_in_reward: bool = False  # PPO: subtract kl_coef * KL from the token rewards.
+    kl_in_reward: bool = False  # PPO: subtract loss.kl_coef * KL from the token rewards.
     temperature: float = 1.0  # the rollout's sampling temperature; log-probs use logits / T.
     # Tokens per packed row (several episodes a row, attention kept within each; rl/packing.py):
     # micro_batch_size then counts packed rows. 0: one episode per row of the batch's length.
@@ -110,91 +111,9 @@ class UpdateConfig:
                 f"{self.micro_batch_size} rows")
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything the update changes. critic_* are None without a critic."""
-
-    step: Array
-    params: Any
-    opt_state: Any
-    critic_params: Any = None
-    critic_opt_state: Any = None
-
-
-def lr_schedule(learning_rate: float, total_steps: int, warmup_ratio: float = 0.0,
-                updates_per_step: int = 1) -> optax.Schedule:
-    """Linear warm-up from 0 over `int(warmup_ratio * total_steps)` steps, then constant
-    (veRL's `get_constant_schedule_with_warmup`), as a function of the optimizer's update count.
-
-    Steps are RL steps, as veRL steps its scheduler once per RL step: an RL step that makes
-    `updates_per_step` optimizer updates (mini-batches x PPO epochs) keeps one rate for all of
-    them, so the warm-up lasts the configured number of RL steps whatever the batching.
-    """
-    warmup = int(warmup_ratio * total_steps)
-
-    def schedule(count):
-        step = count // updates_per_step
-        if warmup <= 0:
-            return jnp.full_like(step, learning_rate, dtype=jnp.float32)
-        return learning_rate * jnp.minimum(step / warmup, 1.0).astype(jnp.float32)
-
-    return schedule
-
-
-def make_optimizer(learning_rate: float, total_steps: int, warmup_ratio: float = 0.0,
-                   betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.01,
-                   grad_clip: float = 1.0, updates_per_step: int = 1
-                   ) -> optax.GradientTransformation:
-    """AdamW on `lr_schedule` (warm-up in steps of `updates_per_step` updates), after global-norm
-    gradient clipping (veRL's actor/critic optimizer)."""
-    schedule = lr_schedule(learning_rate, total_steps, warmup_ratio, updates_per_step)
-    return optax.chain(optax.clip_by_global_norm(grad_clip),
-                       optax.adamw(schedule, b1=betas[0], b2=betas[1], weight_decay=weight_decay))
-
-
 # ----------------------------------------------------------------------------------------------
-# Model heads: token log-probs / entropy for the policy, values for the critic.
+# The critic: values from the policy's backbone (log-probs: `training.policy_logprobs`).
 # ----------------------------------------------------------------------------------------------
-
-
-def _shift_right(x: Array) -> Array:
-    """Entry t <- entry t-1 (entry 0 <- 0): quantities computed at the position that predicts
-    token t are indexed by token t, like the rollout's log-probs and loss mask."""
-    return jnp.pad(x[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))
-
-
-def _hidden(config: models.ModelConfig, params, tokens, attention_mask, positions, remat=False,
-            dtype=None, segment_ids=None, prefix_ids=None):
-    if segment_ids is not None:  # packed rows: causal within each episode (and its prompt)
-        attn = packing.segment_attention_mask(segment_ids, prefix_ids)
-    else:
-        attn = models.causal_attention_mask(attention_mask.astype(bool))
-    out, _ = models.Transformer(config, remat=remat, dtype=dtype).apply(
-        {"params": params}, tokens, positions, attn, return_hidden=True)
-    return out
-
-
-def policy_logprobs(config: models.ModelConfig, params, tokens: Array, attention_mask: Array,
-                    positions: Array, temperature: float = 1.0, remat: bool = False,
-                    dtype=None, segment_ids: Array | None = None,
-                    prefix_ids: Array | None = None) -> tuple[Array, Array]:
-    """(log p(tokens[t] | tokens[<t]) [B, T], entropy of that distribution [B, T]), float32.
-
-    Entry 0 of both is 0 (nothing predicts the first token). dtype: matmul input dtype.
-    segment_ids [B, T] (packed rows, 0 = padding) replaces attention_mask: a token attends to
-    its own episode only; an episode's first entry then holds a prediction from the episode
-    before it, which no loss reads (it is a prompt token). prefix_ids [B, T]: the segment of a
-    shared prompt each token also attends to (`packing.plan`), 0 for none.
-    """
-    hidden = _hidden(config, params, tokens, attention_mask, positions, remat, dtype,
-                     segment_ids, prefix_ids)
-    head = models.head_weight(config, params)
-    # Position t predicts token t + 1; the last position predicts nothing (its target is a
-    # dummy and its value is shifted out).
-    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
-    logp, entropy = algo.head_logprobs_entropy(
-        hidden, head, targets, jnp.dtype(dtype or head.dtype), float(temperature))
-    return _shift_right(logp), _shift_right(entropy)
 
 
 def init_critic(config: models.ModelConfig, policy_params, rng: Array) -> dict:
@@ -210,11 +129,11 @@ def critic_values(config: models.ModelConfig, critic_params, tokens, attention_m
                   remat: bool = False, dtype=None, segment_ids: Array | None = None,
                   prefix_ids: Array | None = None) -> Array:
     """V(state before token t) [B, T] float32, indexed like the log-probs."""
-    hidden = _hidden(config, critic_params["backbone"], tokens, attention_mask, positions, remat,
-                     dtype, segment_ids, prefix_ids)
+    hidden = training.hidden_states(config, critic_params["backbone"], tokens, attention_mask,
+                                    positions, remat, dtype, segment_ids, prefix_ids)
     head = critic_params["value_head"]
     v = jnp.einsum("bte,e->bt", hidden, head["w"].astype(jnp.float32)) + head["b"]
-    return _shift_right(v)
+    return training.shift_right(v)
 
 
 def critic_logical_axes(config: models.ModelConfig):
@@ -279,7 +198,7 @@ def score_batch(config: models.ModelConfig, uc: UpdateConfig, params, ref_params
     seq = (batch["tokens"], batch["positions"])
 
     def logp_fn(p):
-        return _packed_map(lambda t, pos, seg, pre: policy_logprobs(
+        return _packed_map(lambda t, pos, seg, pre: training.policy_logprobs(
             config, p, t, None, pos, uc.temperature, dtype=dtype, segment_ids=seg,
             prefix_ids=pre)[0], layout, *seq)
 
@@ -296,9 +215,10 @@ def score_batch(config: models.ModelConfig, uc: UpdateConfig, params, ref_params
             config, critic_params, t, None, pos, dtype=dtype, segment_ids=seg, prefix_ids=pre),
             layout, *seq)
     estimator = algo.get_advantage_estimator(uc.advantage_estimator)
-    # token_kl is zero unless kl_in_reward, so the reward carries no KL otherwise.
+    # token_kl is zero unless kl_in_reward, so the reward carries no KL otherwise; kl_coef is
+    # the loss config's (one coefficient for the KL wherever it goes).
     adv, ret = estimator(batch["rewards"], mask, group_ids=batch["group"], values=values,
-                         token_kl=token_kl, config=uc.advantage)
+                         kl_penalty=uc.loss.kl_coef * token_kl, config=uc.advantage)
     return Scored(tokens=batch["tokens"], positions=batch["positions"], loss_mask=mask,
                   ref_logprobs=ref, advantages=adv, returns=ret, token_kl=token_kl,
                   old_logprobs=old, old_values=values)
@@ -320,53 +240,37 @@ def _accumulate(loss_fn: Callable, params, micro_batch: Callable, n_micro: Array
     return jax.lax.fori_loop(0, n_micro, body, (zeros, metric_zeros))
 
 
-def apply_if_finite(optimizer, grads, params, opt_state, loss, grad_norm=None):
-    """One optimizer step, skipped (state kept) if the loss or any gradient is not finite.
-
-    Finiteness is read from the global gradient norm (a nan or inf anywhere makes it
-    non-finite; so does a norm beyond float32's range, which no step should take either), and
-    the skip is a `lax.cond`: a per-leaf `where` between the old and new parameters and
-    moments would cost three extra passes over them every step.
-    """
-    grad_norm = optax.global_norm(grads) if grad_norm is None else grad_norm
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def step(operands):
-        grads, params, opt_state = operands
-        updates, new_opt = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_opt
-
-    def skip(operands):
-        _, params, opt_state = operands
-        return params, opt_state
-
-    new_params, new_opt = jax.lax.cond(finite, step, skip, (grads, params, opt_state))
-    return new_params, new_opt, finite
+def _loss_token_count(segment: Array, per_episode: Array) -> Array:
+    """The loss tokens of a mini-batch: those of its episodes. segment [Mb, R, L] (b + 1 marks
+    episode b; shared prompts, > B, hold none); per_episode [B] loss tokens. At least 1."""
+    B = per_episode.shape[0]
+    episode = jnp.where(segment <= B, segment, 0).reshape(-1)
+    member = jnp.zeros(B + 1, jnp.float32).at[episode].set(1.0)[1:]
+    return jnp.maximum(member @ per_episode, 1.0)
 
 
 def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
-           state: TrainState, batch: Scored, layout: packing.Layout
-           ) -> tuple[TrainState, dict]:
+           state: training.TrainState, batch: Scored, layout: packing.Layout
+           ) -> tuple[training.TrainState, dict]:
     """ppo_epochs x num_minibatches optimizer steps on a scored batch. Pure; jit it.
 
     Mini-batch n of epoch e is the layout's micro-batches update_*[e, n] (its episodes packed),
     gathered from the [B, T] arrays as the gradient loop reaches them. Every loss is a sum over
     the mini-batch's loss tokens divided by their count, whatever the packing.
     """
-    B = batch.tokens.shape[0]
     layout = jax.tree.map(jnp.asarray, layout)
     per_episode = batch.loss_mask.sum(axis=1)  # [B]
     fields = {"tokens": batch.tokens, "positions": batch.positions, "loss_mask": batch.loss_mask,
-              "ref_logprobs": batch.ref_logprobs, "advantages": batch.advantages}
-    if batch.old_logprobs is not None:
-        fields["old_logprobs"] = batch.old_logprobs
+              "ref_logprobs": batch.ref_logprobs, "advantages": batch.advantages,
+              "old_logprobs": batch.old_logprobs}
     if state.critic_params is not None:
         fields["old_values"], fields["returns"] = batch.old_values, batch.returns
+    fields = {k: v for k, v in fields.items() if v is not None}
 
     def actor_loss(params, mb, count):
-        logp, entropy = policy_logprobs(config, params, mb["tokens"], None, mb["positions"],
-                                        uc.temperature, remat=uc.remat, dtype=uc.compute_dtype,
-                                        segment_ids=mb["segment"], prefix_ids=mb["prefix"])
+        logp, entropy = training.policy_logprobs(
+            config, params, mb["tokens"], None, mb["positions"], uc.temperature, remat=uc.remat,
+            dtype=uc.compute_dtype, segment_ids=mb["segment"], prefix_ids=mb["prefix"])
         use_ref = uc.loss.use_kl_loss or uc.kl_in_reward
         old = mb["old_logprobs"] if "old_logprobs" in mb else jax.lax.stop_gradient(logp)
         total, _, metrics = algo.ppo_actor_loss(
@@ -382,7 +286,7 @@ def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
                                    uc.loss.value_clip)
         return total / count, {"vf_loss": total}
 
-    def minibatch_step(state: TrainState, en):
+    def minibatch_step(state: training.TrainState, en):
         e, n = en
         index, segment = layout.update_index[e, n], layout.update_segment[e, n]
         prefix = layout.update_prefix[e, n]
@@ -393,18 +297,14 @@ def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
             mb["segment"], mb["prefix"] = segment[i], prefix[i]
             return mb
 
-        # The mini-batch's loss tokens: its episodes' (segment b + 1 marks episode b; shared
-        # prompts, > B, hold none).
-        episode = jnp.where(segment <= B, segment, 0).reshape(-1)
-        member = jnp.zeros(B + 1, jnp.float32).at[episode].set(1.0)[1:]
-        count = jnp.maximum(member @ per_episode, 1.0)
+        count = _loss_token_count(segment, per_episode)
         grads, metrics = _accumulate(lambda p, m: actor_loss(p, m, count), state.params,
                                      micro_batch, n_micro)
         metrics = {k: v / count for k, v in metrics.items()}
         metrics["grad_norm"] = optax.global_norm(grads)
-        params, opt_state, finite = apply_if_finite(actor_opt, grads, state.params,
-                                                     state.opt_state, metrics["loss"],
-                                                     metrics["grad_norm"])
+        params, opt_state, finite = training.apply_if_finite(actor_opt, grads, state.params,
+                                                              state.opt_state, metrics["loss"],
+                                                              metrics["grad_norm"])
         metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
         critic_params, critic_opt_state = state.critic_params, state.critic_opt_state
         if critic_params is not None:
@@ -412,11 +312,12 @@ def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
                                      micro_batch, n_micro)
             metrics["vf_loss"] = cm["vf_loss"] / count
             metrics["critic_grad_norm"] = optax.global_norm(cgrads)
-            critic_params, critic_opt_state, cfinite = apply_if_finite(
+            critic_params, critic_opt_state, cfinite = training.apply_if_finite(
                 critic_opt, cgrads, critic_params, critic_opt_state, metrics["vf_loss"],
                 metrics["critic_grad_norm"])
             metrics["nonfinite"] = jnp.maximum(metrics["nonfinite"], 1.0 - cfinite)
-        return TrainState(state.step, params, opt_state, critic_params, critic_opt_state), metrics
+        return (training.TrainState(state.step, params, opt_state, critic_params,
+                                    critic_opt_state), metrics)
 
     E, N = layout.update_used.shape
     steps = (jnp.repeat(jnp.arange(E), N), jnp.tile(jnp.arange(N), E))
@@ -434,7 +335,7 @@ def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
 class TrainFns:
     """The jitted functions of one training run and the shardings they use."""
 
-    init_state: Callable  # (params, critic_params | None) -> TrainState
+    init_state: Callable  # (params, critic_params | None) -> training.TrainState
     plan: Callable  # (attention_mask [B, T] numpy, seed) -> packing.Layout, placed
     place_layout: Callable  # (host packing.Layout) -> placed
     score: Callable  # (params, ref_params, critic_params, batch, layout) -> Scored
@@ -479,17 +380,17 @@ def make_train_fns(config: models.ModelConfig, uc: UpdateConfig, actor_opt, crit
         return optax.tree_map_params(opt, lambda _, s: s, shapes, params_sharding,
                                      transform_non_params=lambda _: replicated)
 
-    state_sharding = TrainState(
+    state_sharding = training.TrainState(
         step=replicated, params=param_sharding, opt_state=opt_sharding(actor_opt, param_sharding),
         critic_params=critic_sharding,
         critic_opt_state=opt_sharding(critic_opt, critic_sharding) if uc.uses_critic else None)
 
     @jax.jit
     def _init(params, critic_params):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=actor_opt.init(params), critic_params=critic_params,
-                          critic_opt_state=None if critic_params is None
-                          else critic_opt.init(critic_params))
+        return training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                   opt_state=actor_opt.init(params), critic_params=critic_params,
+                                   critic_opt_state=None if critic_params is None
+                                   else critic_opt.init(critic_params))
 
     def init_state(params, critic_params=None):
         # Built where the inputs are (this process's devices), then placed: on several

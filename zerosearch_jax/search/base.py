@@ -26,7 +26,7 @@ class QueryContext:
     """What the trajectory that issued a query is about (read by the LLM simulator only).
 
     Each query carries its own trajectory's question and answers; upstream ZeroSearch paired the
-    k-th query with the k-th question of the batch instead (REFERENCE §3), which this fixes.
+    k-th query with the k-th question of the batch instead (docs/method.md §3), which this fixes.
     """
 
     question: str
@@ -72,7 +72,7 @@ def format_documents(documents: Sequence[str]) -> str:
 
 
 def format_titled_doc(index: int, contents: str) -> str:
-    """Search-R1 formatting of one `{"id", "contents"}` passage (REFERENCE §10).
+    """Search-R1 formatting of one `{"id", "contents"}` passage (docs/method.md §10).
 
     `contents` is `"Title"\\ntext`; like upstream `_passages2string`, the title is the first line
     kept verbatim (quotes included: released checkpoints saw `Doc 1(Title: "Paris") ...`).

@@ -116,7 +116,7 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 class BM25SearchEngine(SearchEngine):
-    """BM25 over `Passage`s; documents come back as `Doc i(Title: "T") text` (REFERENCE §10).
+    """BM25 over `Passage`s; documents come back as `Doc i(Title: "T") text` (docs/method.md §10).
 
     Build with `build(passages)`, persist with `save(dir)` / `load(dir)`, or let `open` do
     whichever applies.
@@ -237,20 +237,25 @@ class BM25SearchEngine(SearchEngine):
         cls,
         corpus: str | Path | None = None,
         *,
+        passages: Sequence[Passage] | None = None,
         index_dir: str | Path | None = None,
         topk: int = 3,
         **build_kwargs: Any,
     ) -> BM25SearchEngine:
-        """Load `index_dir` if it holds an index; else build from `corpus` (and save there).
+        """Load `index_dir` if it holds an index; else build from `corpus` or `passages` (and
+        save there). The registry's `bm25` factory.
 
-        `corpus` is `"wiki"` (offline Wikipedia summaries) or a Search-R1 jsonl path.
+        `corpus` is `"wiki"` (offline Wikipedia summaries) or a Search-R1 jsonl path;
+        `passages` the passages themselves (e.g. the synthetic world's).
         """
         if index_dir is not None and cls.is_index_dir(index_dir):
             return cls.load(index_dir, topk=topk)
-        if corpus is None:
+        if corpus is None and passages is None:
             where = f"{index_dir} holds no index and " if index_dir is not None else ""
             raise ValueError(f"{where}no corpus was given: pass corpus='wiki' or a jsonl path")
-        engine = cls.build(load_corpus(corpus), topk=topk, **build_kwargs)
+        if passages is None:
+            passages = load_corpus(corpus)
+        engine = cls.build(passages, topk=topk, **build_kwargs)
         if index_dir is not None:
             engine.save(index_dir)
         return engine

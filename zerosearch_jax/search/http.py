@@ -1,4 +1,4 @@
-"""HTTP clients for the search back-ends that users already run (REFERENCE §10).
+"""HTTP clients for the search back-ends that users already run (docs/method.md §10).
 
 - `SearchR1RetrieverClient`: the Search-R1 retrieval server (`POST /retrieve`, the whole batch in
   one request); also what `zerosearch-retrieval-server` speaks.

@@ -1,4 +1,4 @@
-"""The simulated search engine: an LLM that writes the documents (REFERENCE section 3).
+"""The simulated search engine: an LLM that writes the documents (docs/method.md §3).
 
 Two back-ends share the prompt, the useful/noisy coin flip and the output clean-up:
 - `LLMSimulator`: any model `models.load_pretrained` reads, in process, on the jitted sampler;

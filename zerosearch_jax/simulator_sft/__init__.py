@@ -1,4 +1,4 @@
-"""Simulator tuning (REFERENCE sections 3 and 8): collect real query -> documents pairs with a
+"""Simulator tuning (docs/method.md §3, §8): collect real query -> documents pairs with a
 policy and a real engine, label them useful / noisy, fine-tune the simulator LLM on them, and
 report its quality against the prompted base model. Entry point:
 `python -m zerosearch_jax.simulator_sft --config=configs/simulator_sft.py --workdir=...`.

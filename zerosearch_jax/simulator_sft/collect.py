@@ -1,4 +1,4 @@
-"""Collecting real (query, documents) pairs for simulator tuning (REFERENCE section 8).
+"""Collecting real (query, documents) pairs for simulator tuning (docs/method.md §8).
 
 A policy (any loadable model, with the agent template) answers training questions against a real
 engine (BM25, the HTTP retriever, SerpAPI); every search call is recorded with the trajectory's

@@ -1,9 +1,9 @@
 """Supervised fine-tuning of the simulator: next-token loss on the target documents only.
 
-Each example is the section 3 chat prompt (question, gold answer, query, useful / noisy) followed
+Each example is the docs/method.md §3 prompt (question, gold answer, query, useful / noisy) followed
 by its `Doc i:` target and the end-of-turn token; the loss mask covers the target and that token,
 so the model learns to write documents, not to reproduce prompts. The step is one pure function
-(AdamW through `rl.train_step.make_optimizer`, float32 master weights, `compute_dtype` matmuls,
+(AdamW through `training.make_optimizer`, float32 master weights, `compute_dtype` matmuls,
 a non-finite step skipped), jitted once with the state donated. Checkpoints (orbax) hold the
 state and the data position, so an interrupted tuning resumes where it stopped; the result is
 exported as a Hugging Face directory that `models.load_pretrained` (and vLLM / SGLang) read.
@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from zerosearch_jax import models
+from zerosearch_jax import models, training
 from zerosearch_jax.data.iterator import DataIterator
-from zerosearch_jax.rl import train_step as ts
 from zerosearch_jax.search.base import QueryContext
 from zerosearch_jax.search.simulator import SimulatorPrompt
 
@@ -32,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    """Upstream tuned with lr 1e-6, batch 2, 1000 steps (REFERENCE section 8)."""
+    """Upstream tuned with lr 1e-6, batch 2, 1000 steps (docs/method.md §8)."""
 
     steps: int = 1000
     batch_size: int = 2
@@ -93,23 +92,20 @@ def encode(tokenizer, examples: Sequence[dict], max_length: int) -> tuple[dict, 
 def sft_loss(config: models.ModelConfig, params, batch: dict, *, remat: bool = True,
              dtype=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """(mean NLL over target tokens, (NLL sum, target token count)). batch arrays: [B, T]."""
-    logp, _ = ts.policy_logprobs(config, params, batch["tokens"], batch["attention_mask"],
-                                 batch["positions"], remat=remat, dtype=dtype)
-    nll = -(logp * batch["loss_mask"]).sum()
-    count = batch["loss_mask"].sum()
+    nll, count = training.masked_token_nll(config, params, batch, remat=remat, dtype=dtype)
     return nll / jnp.maximum(count, 1.0), (nll, count)
 
 
-def sft_step(config: models.ModelConfig, sc: SFTConfig, optimizer, state: ts.TrainState,
-             batch: dict) -> tuple[ts.TrainState, dict]:
+def sft_step(config: models.ModelConfig, sc: SFTConfig, optimizer, state: training.TrainState,
+             batch: dict) -> tuple[training.TrainState, dict]:
     """One AdamW step on a [B, T] batch. Pure; jit it with the state donated."""
     dtype = jnp.dtype(sc.compute_dtype)
     (loss, (nll, count)), grads = jax.value_and_grad(
         lambda p: sft_loss(config, p, batch, remat=sc.remat, dtype=dtype), has_aux=True)(
         state.params)
     grad_norm = optax.global_norm(grads)
-    params, opt_state, finite = ts.apply_if_finite(optimizer, grads, state.params,
-                                                    state.opt_state, loss, grad_norm)
+    params, opt_state, finite = training.apply_if_finite(optimizer, grads, state.params,
+                                                          state.opt_state, loss, grad_norm)
     metrics = {"loss": loss, "target_tokens": count, "grad_norm": grad_norm,
                "nonfinite": 1.0 - finite.astype(jnp.float32)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -145,10 +141,10 @@ def tune_on_arrays(config: models.ModelConfig, params, data: dict[str, np.ndarra
     n = len(data["tokens"])
     if n == 0:
         raise ValueError("no rows to tune on")
-    optimizer = ts.make_optimizer(sc.lr, sc.steps, sc.warmup_ratio, weight_decay=sc.weight_decay,
-                                  grad_clip=sc.grad_clip)
-    state = ts.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params))
+    optimizer = training.make_optimizer(sc.lr, sc.steps, sc.warmup_ratio,
+                                        weight_decay=sc.weight_decay, grad_clip=sc.grad_clip)
+    state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=optimizer.init(params))
     step_fn = jax.jit(lambda s, b: sft_step(config, sc, optimizer, s, b), donate_argnums=(0,))
     order = DataIterator(list(range(n)), seed=sc.seed)
 

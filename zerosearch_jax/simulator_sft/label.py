@@ -1,7 +1,7 @@
 """Labelling collected (query, documents) pairs useful / noisy, and writing SFT examples.
 
 A pair is one search call: the question and gold answers of the trajectory that issued it, the
-query, and the real engine's documents (REFERENCE section 8). Three judges:
+query, and the real engine's documents (docs/method.md §8). Three judges:
 
 - `trajectory` (the paper's rule): useful iff the trajectory that issued the query reached a
   correct answer (cover EM); all of the call's top-k documents form the target.
@@ -14,7 +14,7 @@ query, and the real engine's documents (REFERENCE section 8). Three judges:
   information to answer the question?" (what the authors' released data used).
 
 Classes are balanced by down-sampling the larger one with a fixed seed. Each example is the
-section 3 prompt (question, first gold answer, query, useful / noisy) and a target of
+docs/method.md §3 prompt (question, first gold answer, query, useful / noisy) and a target of
 `Doc i: ...` lines, each document cut to a query-focused snippet of about `doc_words` words
 (search engines return snippets, and the prompt asks for "about 30 words").
 """
@@ -141,7 +141,7 @@ def contains_answer(text: str, golden_answers: Sequence[str]) -> bool:
 
 
 def format_target(snippets: Sequence[str]) -> str:
-    """The simulator's output format: `Doc 1: ...` lines (REFERENCE section 3)."""
+    """The simulator's output format: `Doc 1: ...` lines (docs/method.md §3)."""
     return "\n".join(f"Doc {i + 1}: {s}" for i, s in enumerate(snippets))
 
 

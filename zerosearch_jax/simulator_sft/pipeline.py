@@ -18,18 +18,19 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from zerosearch_jax import agent, models, sampling, search
-from zerosearch_jax.cli import setup_logging
+from zerosearch_jax import agent, models, sampling
+from zerosearch_jax.cli import run_command
 from zerosearch_jax.data import qa
 from zerosearch_jax.data.jsonl import read_jsonl, write_jsonl_atomic
-from zerosearch_jax.inputs import ConfigError, load_examples, make_real_engine
+from zerosearch_jax.inputs import ConfigError, load_examples, make_engine
+from zerosearch_jax.plot import plot_run
+from zerosearch_jax.settings import build
 from zerosearch_jax.simulator_sft import collect as collect_lib
 from zerosearch_jax.simulator_sft import finetune as finetune_lib
 from zerosearch_jax.simulator_sft import label as label_lib
@@ -50,12 +51,6 @@ class Settings:
 
 def build_settings(c: ml_collections.ConfigDict, prefix: str = "config.") -> Settings:
     """Validates the config before any work; errors name the key (`prefix` + its path)."""
-    def wrap(key, fn):
-        try:
-            return fn()
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"{prefix}{key}: {e}") from None
-
     if c.data.num_questions < 0:
         raise ConfigError(f"{prefix}data.num_questions = {c.data.num_questions}: expected >= 0")
     if c.data.num_questions == 0 and not c.label.pairs:
@@ -77,33 +72,16 @@ def build_settings(c: ml_collections.ConfigDict, prefix: str = "config.") -> Set
         raise ConfigError(f"{prefix}collect.depth = {c.collect.depth}: must be >= {prefix}label."
                           f"topk = {c.label.topk}")
     sources = tuple(s.strip() for s in c.collect.query_sources.split(",") if s.strip())
-    cc = wrap("collect", lambda: collect_lib.CollectConfig(
-        batch_size=c.collect.batch_size, query_sources=sources, max_calls=c.collect.max_calls,
-        seed=c.seed))
-    rc = wrap("collect", lambda: agent.RolloutConfig(
-        samples_per_prompt=1, max_turns=c.collect.max_turns,
-        max_new_tokens=c.collect.max_new_tokens, max_obs_tokens=c.collect.max_obs_tokens))
-    sampler = wrap("collect", lambda: sampling.TopP(c.collect.top_p,
-                                                    temperature=c.collect.temperature))
-    lc = wrap("label", lambda: label_lib.LabelConfig(
-        judge=c.label.judge, topk=c.label.topk, doc_words=c.label.doc_words,
-        balance=c.label.balance, seed=c.seed))
-    f = c.finetune
-    sc = wrap("finetune", lambda: finetune_lib.SFTConfig(
-        steps=f.steps, batch_size=f.batch_size, max_length=f.max_length, lr=f.lr,
-        warmup_ratio=f.warmup_ratio, weight_decay=f.weight_decay, grad_clip=f.grad_clip,
-        compute_dtype=f.compute_dtype, remat=f.remat, checkpoint_every=f.checkpoint_every,
-        keep=f.keep, seed=c.seed))
+    at = prefix.removeprefix("config.")  # build() names keys from config.
+    cc = build(collect_lib.CollectConfig, c.collect, f"{at}collect",
+               query_sources=sources, seed=c.seed)
+    rc = build(agent.RolloutConfig, c.collect, f"{at}collect", samples_per_prompt=1)
+    sampler = build(sampling.TopP, c.collect, f"{at}collect", p=c.collect.top_p)
+    lc = build(label_lib.LabelConfig, c.label, f"{at}label", seed=c.seed)
+    sc = build(finetune_lib.SFTConfig, c.finetune, f"{at}finetune", seed=c.seed)
     if c.report.num_queries < 0 or c.report.max_new_tokens < 1:
         raise ConfigError(f"{prefix}report: num_queries must be >= 0 and max_new_tokens >= 1")
     return Settings(cc, rc, sampler, lc, sc)
-
-
-def is_exported(hf_dir: str) -> bool:
-    """save_pretrained renames its files into place last, so config.json plus weights mean a
-    complete export."""
-    return os.path.exists(os.path.join(hf_dir, "config.json")) and any(
-        name.endswith(".safetensors") for name in os.listdir(hf_dir))
 
 
 def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> str:
@@ -123,9 +101,26 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) ->
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(c.to_json_best_effort(indent=2))
     timings = {}
-
-    # -- 1. collection --------------------------------------------------------------------------
     t0 = time.perf_counter()
+    pairs = collect(c, settings, workdir, progress)
+    timings["collect_s"] = time.perf_counter() - t0
+    train_ex, heldout = label(c, settings, pairs, workdir)
+    t0 = time.perf_counter()
+    finetune(c, settings, train_ex, workdir, hf_dir, progress)
+    timings["finetune_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if c.report.num_queries and not os.path.exists(os.path.join(workdir, "report.json")):
+        report(c, heldout, hf_dir, workdir)
+    timings["report_s"] = time.perf_counter() - t0
+    logger.info("simulator tuning done: %s; timings %s", hf_dir,
+                {k: round(v, 1) for k, v in timings.items()})
+    return hf_dir
+
+
+def collect(c: ml_collections.ConfigDict, settings: Settings, workdir: str,
+            progress: bool) -> list[label_lib.Pair]:
+    """Stage 1: the policy searches the real engine on `data.num_questions` questions
+    (appended to `collect.jsonl`, resumed), plus the pairs of `label.pairs`."""
     pairs: list[label_lib.Pair] = []
     collect_path = os.path.join(workdir, "collect.jsonl")
     if c.data.num_questions:
@@ -133,8 +128,8 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) ->
         policy_config, policy_params = models.load_pretrained(c.collect.policy,
                                                               dtype=jnp.bfloat16)
         policy_tok = Tokenizer.from_pretrained(c.collect.policy)
-        engine = make_real_engine(c.collect.engine, c, corpus=c.collect.corpus,
-                                  url=c.collect.url, topk=c.collect.depth)
+        engine = make_engine(c.collect.engine, c, corpus=c.collect.corpus, url=c.collect.url,
+                             topk=c.collect.depth, key="collect.engine")
         stats = collect_lib.run_collection(
             policy_config, policy_params, policy_tok, questions, engine, collect_path,
             settings.collect, rollout_config=settings.rollout, sampler=settings.sampler,
@@ -145,9 +140,13 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) ->
         pairs += label_lib.pairs_from_collection(read_jsonl(collect_path))
     if c.label.pairs:
         pairs += label_lib.load_pairs(c.label.pairs, on_error=c.label.on_error)
-    timings["collect_s"] = time.perf_counter() - t0
+    return pairs
 
-    # -- 2. labelling -----------------------------------------------------------------------------
+
+def label(c: ml_collections.ConfigDict, settings: Settings, pairs: list[label_lib.Pair],
+          workdir: str) -> tuple[list[dict], list[dict]]:
+    """Stage 2: the pairs labelled useful / noisy, balanced and split into training and
+    held-out examples (`sft_train.jsonl`, `sft_heldout.jsonl`)."""
     judge = (label_lib.OpenAIJudge(c.label.judge_url, c.label.judge_model)
              if c.label.judge == "llm" else None)
     try:
@@ -160,79 +159,65 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) ->
     n_useful = sum(e["label"] == "useful" for e in train_ex)
     logger.info("labelled %d pairs -> %d training examples (%d useful, %d noisy), %d held out",
                 len(pairs), len(train_ex), n_useful, len(train_ex) - n_useful, len(heldout))
+    return train_ex, heldout
 
-    # -- 3. fine-tuning -------------------------------------------------------------------------
-    t0 = time.perf_counter()
+
+def finetune(c: ml_collections.ConfigDict, settings: Settings, train_ex: list[dict],
+             workdir: str, hf_dir: str, progress: bool) -> None:
+    """Stage 3: the simulator fine-tuned on the training examples (resumed from its
+    checkpoints), exported to `hf_dir` in the compute dtype, and its loss curve plotted."""
     tokenizer = Tokenizer.from_pretrained(c.simulator)
     compute = jnp.dtype(c.finetune.compute_dtype)
-    if not is_exported(hf_dir):
+    if not models.is_exported(hf_dir):
         config, params = models.load_pretrained(c.simulator, dtype=jnp.float32)
         params = finetune_lib.run_finetune(config, params, tokenizer, train_ex, workdir,
-                                       settings.finetune, progress=progress)
+                                           settings.finetune, progress=progress)
         models.save_pretrained(config, jax.tree.map(lambda x: x.astype(compute), params),
                                hf_dir, tokenizer=tokenizer)
         del params
     if not os.path.exists(os.path.join(workdir, "plots")):
-        from zerosearch_jax.plot import plot_run
-
         plot_run(workdir)  # the loss curve
-    timings["finetune_s"] = time.perf_counter() - t0
 
-    # -- 4. quality report ----------------------------------------------------------------------
-    t0 = time.perf_counter()
-    if c.report.num_queries and not os.path.exists(os.path.join(workdir, "report.json")):
-        queries = report_lib.queries_for_report(heldout, c.report.num_queries, c.seed)
-        if not queries:
-            logger.warning("no held-out queries (label.heldout_fraction=%s): no quality report",
-                           c.label.heldout_fraction)
-        else:
-            topk = c.label.topk
-            candidates = [("tuned", hf_dir, "finetuned", False)]
-            if c.report.compare_base:
-                candidates.append(("prompted base", c.simulator, "prompted",
-                                   c.report.base_prime_reply))
-            results = {"real engine (targets)": report_lib.summarize(
-                report_lib.reference_rows(queries, topk))}
-            samples = {}
-            for name, path, variant, prime in candidates:
-                config, params = models.load_pretrained(path, dtype=compute)
-                engine = search.LLMSimulator(
-                    config, params, tokenizer, variant=variant, topk=topk,
-                    temperature=c.report.temperature, max_new_tokens=c.report.max_new_tokens,
-                    prime_reply=prime, seed=c.seed)
-                rows = report_lib.evaluate_simulator(engine, queries, topk)
-                results[name] = report_lib.summarize(rows)
-                samples[name] = rows[:2] + rows[len(queries):len(queries) + 2]
-                del params
-            table = report_lib.write_report(results, workdir)
-            write_jsonl_atomic(os.path.join(workdir, "report_samples.jsonl"),
-                               [{"simulator": k, **r} for k, v in samples.items() for r in v])
-            print(table)
-    timings["report_s"] = time.perf_counter() - t0
-    logger.info("simulator tuning done: %s; timings %s", hf_dir,
-                {k: round(v, 1) for k, v in timings.items()})
-    return hf_dir
+
+def report(c: ml_collections.ConfigDict, heldout: list[dict], hf_dir: str,
+           workdir: str) -> None:
+    """Stage 4: the quality report on held-out queries, the tuned simulator against the
+    prompted base model and the real engine's pages (`report.md`, `report.json`)."""
+    tokenizer = Tokenizer.from_pretrained(c.simulator)
+    compute = jnp.dtype(c.finetune.compute_dtype)
+    queries = report_lib.queries_for_report(heldout, c.report.num_queries, c.seed)
+    if not queries:
+        logger.warning("no held-out queries (label.heldout_fraction=%s): no quality report",
+                       c.label.heldout_fraction)
+        return
+    topk = c.label.topk
+    candidates = [("tuned", hf_dir, "finetuned", False)]
+    if c.report.compare_base:
+        candidates.append(("prompted base", c.simulator, "prompted", c.report.base_prime_reply))
+    results = {"real engine (targets)": report_lib.summarize(
+        report_lib.reference_rows(queries, topk))}
+    samples = {}
+    for name, path, variant, prime in candidates:
+        config, params = models.load_pretrained(path, dtype=compute)
+        engine = make_engine("simulator", c, topk=topk, model=(config, params, tokenizer),
+                             simulator=ml_collections.ConfigDict(dict(
+                                 variant=variant, temperature=c.report.temperature,
+                                 max_new_tokens=c.report.max_new_tokens, prime_reply=prime)))
+        rows = report_lib.evaluate_simulator(engine, queries, topk)
+        results[name] = report_lib.summarize(rows)
+        samples[name] = rows[:2] + rows[len(queries):len(queries) + 2]
+        del params
+    table = report_lib.write_report(results, workdir)
+    write_jsonl_atomic(os.path.join(workdir, "report_samples.jsonl"),
+                       [{"simulator": k, **r} for k, v in samples.items() for r in v])
+    print(table)
+
+
+def _command(c: ml_collections.ConfigDict, workdir: str) -> int:
+    print(json.dumps({"simulator": run(c, workdir)}))
+    return 0
 
 
 def main(argv=None):
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flag = config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__)))), "configs", "simulator_sft.py"),
-        "ml_collections config file", lock_config=True)
-    workdir_flag = flags.DEFINE_string("workdir", None, "output directory (re-running resumes)",
-                                       required=True)
-
-    def _run(_):
-        setup_logging()
-        try:
-            hf_dir = run(config_flag.value, workdir_flag.value)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(json.dumps({"simulator": hf_dir}))
-        return 0
-
-    app.run(lambda a: sys.exit(_run(a)), argv=argv)
+    run_command(_command, "simulator_sft.py", "output directory (re-running resumes)",
+                errors=(ConfigError,), argv=argv)

@@ -1,0 +1,134 @@
+"""What a training loop does around its step: validation, checkpoints, preemption, the
+non-finite guard and the step's metrics, each a small piece the driver calls.
+
+    checkpointer = Checkpointer(workdir, keep, every)      # resume: checkpointer.restore(...)
+    guard = NonfiniteGuard(max_steps)                      # guard.observe(step, n_skipped)
+    preempted = Preempted()                                # SIGTERM -> stop at the step's end
+    metrics = across_processes(local)                      # the same numbers on every process
+    scores = validate(config, params, tokenizer, examples, engine, rollout_config, seed)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from zerosearch_jax import agent, checkpoints, sampling, search, sharding
+from zerosearch_jax.data.iterator import DataIterator
+
+logger = logging.getLogger("zerosearch_jax.train")
+
+
+class Preempted:
+    """SIGTERM (TPU preemption) sets a flag; the loop checkpoints and exits at the step end."""
+
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logger.warning("SIGTERM received: saving a checkpoint after this step")
+        self.flag = True
+
+    def any_process(self) -> bool:
+        """Whether any process saw a SIGTERM: all stop at the same step (and save together)."""
+        return bool(sharding.allgather(np.array(self.flag)).any())
+
+
+class Checkpointer:
+    """Orbax checkpoints of the train state and the data position in `<workdir>/checkpoints`,
+    every `every` steps and at the end; the newest intact one is restored."""
+
+    def __init__(self, workdir: str, keep: int, every: int):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.every = every
+        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True))
+
+    def restore(self, state: Any, shardings: Any, data: DataIterator) -> tuple[int, Any]:
+        """(the step to start from, the state): the newest step that loads and matches the
+        checksums saved with it (damaged ones are set aside with a warning saying why), with
+        the data position restored into `data`; (0, state) when there is none."""
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                state, shardings)
+        restored = checkpoints.restore_latest_intact(self.manager, abstract)
+        if restored is None:
+            return 0, state
+        _, state, meta = restored
+        data.restore(meta["data"])
+        logger.info("resumed from %s at step %d", self.directory, int(meta["step"]))
+        return int(meta["step"]), state
+
+    def maybe_save(self, done: int, total: int, state: Any, data: DataIterator, seed: int,
+                   force: bool = False) -> None:
+        if done % self.every == 0 or done == total or force:
+            checkpoints.save(self.manager, done, state,
+                             {"step": done, "data": data.state(), "seed": seed})
+
+
+class NonfiniteGuard:
+    """Counts consecutive steps with skipped (non-finite) updates; too many stop the run. A
+    step with a skipped update is not saved, so the last checkpoint is the last good one."""
+
+    def __init__(self, max_steps: int, checkpoint_dir: str, latest_step):
+        self.max_steps, self.streak = max_steps, 0
+        self.checkpoint_dir, self.latest_step = checkpoint_dir, latest_step
+
+    def observe(self, step: int, skipped: float) -> None:
+        self.streak = self.streak + 1 if skipped else 0
+        if self.streak:
+            logger.warning("step %d: %d update(s) skipped for a non-finite loss or gradient",
+                           step, int(skipped))
+        if self.streak >= self.max_steps:
+            raise RuntimeError(
+                f"{self.streak} consecutive steps had non-finite losses or gradients "
+                f"(max_nonfinite_steps={self.max_steps}); stopping. The last good checkpoint "
+                f"(step {self.latest_step()}) in {self.checkpoint_dir} is intact.")
+
+
+def across_processes(local: dict[str, float]) -> dict[str, float]:
+    """Every process's step metrics reduced to the same numbers on each: the mean of the
+    per-process means (every process rolls out as many episodes) and the slowest process's
+    `time/*`."""
+    keys = sorted(local)
+    rows = sharding.allgather(np.array([local[k] for k in keys], np.float64))
+    return {k: float(rows[:, i].max() if k.startswith("time/") else rows[:, i].mean())
+            for i, k in enumerate(keys)}
+
+
+def validate(config, params, tokenizer, examples, engine: search.SearchEngine,
+             rollout_config: agent.RolloutConfig, seed: int,
+             placement: sharding.Placement | None = None) -> dict[str, float]:
+    """Greedy episodes on the validation questions: EM / cover EM / F1, overall and per source.
+
+    With several processes each one rolls out every process_count-th question (params on its
+    `placement`) and the per-question scores are gathered, so all return the same numbers.
+    """
+    rc = dataclasses.replace(rollout_config, samples_per_prompt=1)
+    n_proc, me = jax.process_count(), jax.process_index()
+    mine = examples[me::n_proc]
+    _, stats = agent.rollout(config, params, tokenizer, mine, engine, rollout_config=rc,
+                             sampler=sampling.Greedy(), rng=seed, placement=placement)
+    scores = np.stack([stats.f1, stats.em, stats.cover_em, stats.searches]).astype(np.float64)
+    if n_proc > 1:
+        padded = np.full((len(scores), -(-len(examples) // n_proc)), np.nan)
+        padded[:, :len(mine)] = scores
+        gathered = sharding.allgather(padded)  # [process, score, slot]
+        i = np.arange(len(examples))  # question i is process i % n's (i // n)-th
+        scores = gathered[i % n_proc, :, i // n_proc].T
+    f1, em, cover_em, searches = scores
+    out = {"f1": float(f1.mean()), "em": float(em.mean()), "cover_em": float(cover_em.mean()),
+           "searches": float(searches.mean())}
+    sources = np.array([e.data_source for e in examples])
+    for src in sorted(set(sources)):
+        sel = sources == src
+        out[f"{src}/f1"] = float(f1[sel].mean())
+        out[f"{src}/cover_em"] = float(cover_em[sel].mean())
+    return out

@@ -1,0 +1,171 @@
+"""Token log-probs and entropies of the LM head's distribution.
+
+`head_logprobs_entropy` is what training differentiates: from the final-norm hidden states
+[B, T, E] and the head weight [V, E] (`models.head_weight`: the LM head or the tied embedding)
+it returns, per position, log p(target) and the entropy of p = softmax(hidden @ head.T /
+temperature), both float32, without ever materializing the [B, T, V] logits. It is a custom
+VJP because the plain logits -> log-softmax -> entropy graph keeps several float32 [B, T, V]
+arrays for the backward pass (a 4 x 256 batch of a 49k vocabulary is 200 MB per copy) and
+makes several passes over them. Here positions go `chunk` at a time: the forward keeps only
+logsumexp and E_p[z] per position, and the backward recomputes each chunk's logits and uses
+
+    d logp / dz = onehot(target) - p          d H / dz = -p * (z - E_p[z])
+
+so neither pass holds more than one [B, chunk, V] float32 block, at the price of one extra
+head matmul. The forward's two sums are one variadic `lax.reduce`, tuned for XLA:CPU (its
+YNNPACK reduce fusions, which take plain sums, ran them ~2.5x slower); matmul inputs are cast
+to `dtype` inside the VJP with float32 accumulation, so float32 master weights get float32
+gradients.
+
+`token_logprobs`, `shifted_logprobs` and `entropy_from_logits` are the same quantities from
+materialized logits [B, T, V] (the reference the kernel is tested against, and for callers
+that already hold logits).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# From materialized logits
+# ---------------------------------------------------------------------------------------------
+
+
+def token_logprobs(logits: Array, targets: Array) -> Array:
+    """log softmax(logits)[targets] in float32: logits [B, T, V], targets [B, T] int -> [B, T].
+
+    Computed as logit - logsumexp so no [B, T, V] log-softmax is kept beside the logits.
+    """
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def shifted_logprobs(logits: Array, tokens: Array) -> Array:
+    """Log-probs aligned with the tokens: logits [B, T, V] (position t predicts t + 1),
+    tokens [B, T] -> [B, T] float32 with entry t = log p(tokens[t] | tokens[<t]), entry 0 = 0.
+
+    This is the layout of `RolloutBatch.logprobs` / `loss_mask` (indexed by the token's own
+    position), so the result is masked with `loss_mask` directly.
+    """
+    logp = token_logprobs(logits[:, :-1], tokens[:, 1:])
+    return jnp.pad(logp, ((0, 0), (1, 0)))
+
+
+def entropy_from_logits(logits: Array) -> Array:
+    """H = logsumexp(z) - sum_v softmax(z)_v z_v, as -sum p log p; logits [B, T, V] -> [B, T]
+    float32. Stable for large logits and for -inf logits (p = 0 contributes 0, not nan)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    p = jnp.exp(logp)
+    # Select before multiplying: 0 * -inf would be nan in the value and in the gradient.
+    return -jnp.sum(p * jnp.where(p > 0, logp, 0.0), axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunked kernel: logits recomputed per chunk, never held whole
+# ---------------------------------------------------------------------------------------------
+
+
+def _head_chunk(hidden: Array, head: Array, dtype, temperature: float) -> Array:
+    """hidden [B, C, E] -> float32 logits [B, C, V] / temperature (dtype inputs, f32 sums)."""
+    z = jnp.einsum("bce,ve->bcv", hidden.astype(dtype), head.astype(dtype),
+                   preferred_element_type=jnp.float32)
+    return z / temperature
+
+
+def _head_chunks(x: Array, chunk: int) -> tuple[Array, int]:
+    """[B, T, ...] -> [n, B, chunk, ...] (T padded to n * chunk with zeros) and the pad."""
+    B, T = x.shape[:2]
+    pad = -T % chunk
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(B, -1, chunk, *x.shape[2:]).swapaxes(0, 1), pad
+
+
+def _head_unchunk(y: Array, T: int) -> Array:
+    """[n, B, chunk] -> [B, T]."""
+    return y.swapaxes(0, 1).reshape(y.shape[1], -1)[:, :T]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def head_logprobs_entropy(hidden: Array, head: Array, targets: Array, dtype=jnp.bfloat16,
+                          temperature: float = 1.0, chunk: int = 128) -> tuple[Array, Array]:
+    """Token log-probs and entropies of the LM head's distribution, without materializing the
+    [B, T, V] logits.
+
+    hidden [B, T, E] (final-norm states), head [V, E] (LM head or tied embedding), targets
+    [B, T] int -> (log p(targets[t] | position t) [B, T], entropy at position t [B, T]), both
+    float32, for z = hidden @ head.T / temperature with `dtype` matmul inputs and float32
+    accumulation.
+
+    The positions are processed `chunk` at a time (a `lax.map`): the forward pass keeps only
+    logsumexp and E_p[z] per position, and the backward pass recomputes each chunk's logits,
+    using
+
+        d logp / dz = onehot(target) - p          d H / dz = -p * (z - E_p[z])
+
+    so neither pass holds more than one [B, chunk, V] float32 block. Against the plain
+    logits -> log-softmax -> entropy graph this trades one extra head matmul for several
+    fewer passes over [B, T, V] arrays and a much smaller peak (the full float32 logits of a
+    4 x 256 batch of a 49k vocabulary are 200 MB, kept for the backward pass, several times).
+    """
+    out, _ = _head_fwd(hidden, head, targets, dtype, temperature, chunk)
+    return out
+
+
+def _head_fwd(hidden, head, targets, dtype, temperature, chunk):
+    T = hidden.shape[1]
+    hs, _ = _head_chunks(hidden, chunk)
+    ts, _ = _head_chunks(targets.astype(jnp.int32), chunk)
+
+    def one(args):
+        h, t = args
+        z = _head_chunk(h, head, dtype, temperature)
+        m = jnp.max(z, axis=-1, keepdims=True)
+        e = jnp.exp(z - m)
+        # sum(e) and sum(e * z) in one variadic reduce: a single pass over the block, and on
+        # XLA:CPU a native loop (its YNNPACK reduce fusions, which take plain sums, ran the
+        # two sums ~2.5x slower here).
+        s, sz = jax.lax.reduce((e, e * z), (jnp.float32(0), jnp.float32(0)),
+                               lambda a, b: (a[0] + b[0], a[1] + b[1]), (z.ndim - 1,))
+        lse = m[..., 0] + jnp.log(s)
+        picked = jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0]
+        return picked - lse, lse, sz / s
+
+    logp, lse, ez = (_head_unchunk(y, T) for y in jax.lax.map(one, (hs, ts)))
+    return (logp, lse - ez), (hidden, head, targets, lse, ez)
+
+
+def _head_bwd(dtype, temperature, chunk, residuals, cotangents):
+    hidden, head, targets, lse, ez = residuals
+    g_logp, g_ent = cotangents
+    T = hidden.shape[1]
+    hs, _ = _head_chunks(hidden, chunk)
+    ts, _ = _head_chunks(targets.astype(jnp.int32), chunk)
+    # Padded positions get zero cotangents, so they add nothing to either gradient.
+    gs = [_head_chunks(x.astype(jnp.float32), chunk)[0] for x in (g_logp, g_ent, lse, ez)]
+    cd = jnp.dtype(dtype)
+
+    def one(d_head, args):
+        h, t, gl, ge, l_, e_ = args
+        z = _head_chunk(h, head, dtype, temperature)
+        p = jnp.exp(z - l_[..., None])
+        onehot = jax.nn.one_hot(t, z.shape[-1], dtype=jnp.float32)
+        dz = gl[..., None] * (onehot - p) - ge[..., None] * p * (z - e_[..., None])
+        dz = (dz / temperature).astype(cd)
+        dh = jnp.einsum("bcv,ve->bce", dz, head.astype(cd), preferred_element_type=jnp.float32)
+        d_head = d_head + jnp.einsum("bcv,bce->ve", dz, h.astype(cd),
+                                     preferred_element_type=jnp.float32)
+        return d_head, dh
+
+    d_head, dh = jax.lax.scan(one, jnp.zeros(head.shape, jnp.float32), (hs, ts, *gs))
+    dh = dh.swapaxes(0, 1).reshape(hidden.shape[0], -1, hidden.shape[-1])[:, :T]
+    return dh.astype(hidden.dtype), d_head.astype(head.dtype), None
+
+
+head_logprobs_entropy.defvjp(_head_fwd, _head_bwd)
