@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
+from zerosearch_jax.settings import lookup
+
 
 class NoiseSchedule(Protocol):
     def __call__(self, step: float, total_steps: int, start: float, end: float) -> float: ...
@@ -80,9 +82,4 @@ SCHEDULES: dict[str, NoiseSchedule] = {
 
 def get_schedule(name: str) -> NoiseSchedule:
     """The schedule registered under `name` (one of `SCHEDULES`)."""
-    try:
-        return SCHEDULES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown noise schedule {name!r}; valid names: {sorted(SCHEDULES)}"
-        ) from None
+    return lookup(SCHEDULES, name, "noise schedule")

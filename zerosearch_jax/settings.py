@@ -21,11 +21,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import ml_collections
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 
 class ConfigError(ValueError):
@@ -69,3 +71,12 @@ def build(cls: type[T], section: ml_collections.ConfigDict, key: str, **override
         if first in {f.name for f in dataclasses.fields(cls)}:
             raise ConfigError(f"config.{key}.{message}") from None
         raise ConfigError(f"config.{key}: {message}") from None
+
+
+def lookup(registry: Mapping[str, V], name: str, what: str) -> V:
+    """`registry[name]` (an estimator, a schedule, ...), or a ValueError naming the valid
+    names: `unknown <what> 'x'; valid names: [...]`."""
+    try:
+        return registry[name]
+    except KeyError:
+        raise ValueError(f"unknown {what} {name!r}; valid names: {sorted(registry)}") from None

@@ -41,6 +41,8 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
+from zerosearch_jax.settings import lookup
+
 Array = jax.Array
 
 # Log-ratios are clamped before `exp` (as veRL does) so a garbage or extreme log-prob can give
@@ -277,11 +279,7 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
 
 def get_advantage_estimator(name: str) -> AdvantageEstimator:
     """The estimator registered under `name` (one of `ADVANTAGE_ESTIMATORS`)."""
-    try:
-        return ADVANTAGE_ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(f"unknown advantage estimator {name!r}; valid names: "
-                         f"{sorted(ADVANTAGE_ESTIMATORS)}") from None
+    return lookup(ADVANTAGE_ESTIMATORS, name, "advantage estimator")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,11 +326,7 @@ KL_ESTIMATORS: dict[str, KLEstimator] = {
 
 def get_kl_estimator(name: str) -> KLEstimator:
     """The KL estimator registered under `name` (one of `KL_ESTIMATORS`)."""
-    try:
-        return KL_ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(f"unknown KL estimator {name!r}; valid names: "
-                         f"{sorted(KL_ESTIMATORS)}") from None
+    return lookup(KL_ESTIMATORS, name, "KL estimator")
 
 
 # ---------------------------------------------------------------------------------------------
