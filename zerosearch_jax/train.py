@@ -306,10 +306,14 @@ class Run:
     batch_size: int
     prompt_length: int = 0  # the rollouts' prompt width: grows to the next bucket if needed
 
+    @functools.cached_property
+    def rollout_shardings(self) -> Any:
+        """The policy's shardings on this process's rollout devices (fixed for the run)."""
+        return self.meshes.rollout.param_shardings(self.model_config)
+
     def rollout_params(self, state) -> Any:
         """A compute-dtype copy of the policy on this process's rollout devices."""
-        return self.meshes.rollout.put(self.to_compute(state.params),
-                                       self.meshes.rollout.param_shardings(self.model_config))
+        return self.meshes.rollout.put(self.to_compute(state.params), self.rollout_shardings)
 
     def validate(self, state) -> dict[str, float]:
         return hooks.validate(self.model_config, self.rollout_params(state), self.tokenizer,
