@@ -27,9 +27,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from zerosearch_jax import agent, models, search, sweep, train, training  # noqa: E402
+from zerosearch_jax import (  # noqa: E402
+    agent,
+    models,
+    packing,
+    search,
+    sweep,
+    train,
+    training,
+)
 from zerosearch_jax.data import synthetic  # noqa: E402
-from zerosearch_jax.rl import packing  # noqa: E402
 from zerosearch_jax.rl import train_step as ts  # noqa: E402
 from zerosearch_jax.tokenizer import Tokenizer  # noqa: E402
 

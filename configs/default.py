@@ -74,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.algorithm = algorithm()
     c.optim = optimizer()
+    # The warm-up packs a step's demonstrations several to a row, in the RL update's rows
+    # (0: one demonstration per row, padded to the bucketed width).
+    c.warmup.pack_length = c.algorithm.get_ref("pack_length")
+    c.warmup.micro_batch_size = 1  # packed rows per forward/backward.
 
     # -- validation, logging, checkpoints --------------------------------------------------------
     c.validation = ml_collections.ConfigDict()

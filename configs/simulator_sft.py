@@ -61,6 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.finetune.grad_clip = 1.0
     c.finetune.compute_dtype = "bfloat16"  # float32 master weights, bf16 matmul inputs.
     c.finetune.remat = True
+    c.finetune.pack_length = 0  # tokens per packed row (several examples a row); 0: unpacked.
+    c.finetune.micro_batch_size = 0  # rows per forward/backward; 0: batch_size, or 1 packed.
     c.finetune.checkpoint_every = 20
     c.finetune.keep = 2
 

@@ -22,7 +22,7 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "zerosearch_jax"
 LAYERS = {
     "base": ("models", "tokenizer", "data", "rewards", "curriculum", "metrics", "plot", "cli",
-             "checkpoints", "sharding", "training", "settings"),
+             "checkpoints", "sharding", "training", "settings", "packing"),
     "sampling": ("sampling",),
     "env": ("search", "agent"),
     "rl": ("rl",),

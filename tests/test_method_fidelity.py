@@ -11,8 +11,7 @@ import pytest
 
 from configs import default, zerosearch_qwen2_5_3b
 from tests.rl_toy import toy_batch, toy_config
-from zerosearch_jax import models, sampling, train, training
-from zerosearch_jax.rl import packing
+from zerosearch_jax import models, packing, sampling, train, training
 from zerosearch_jax.rl import train_step as ts
 
 

@@ -10,8 +10,7 @@ import optax
 import pytest
 
 from tests.rl_toy import toy_batch, toy_config
-from zerosearch_jax import models, training
-from zerosearch_jax.rl import packing
+from zerosearch_jax import models, packing, training
 from zerosearch_jax.rl import train_step as ts
 
 PROMPT = 6  # toy_batch's prompt length

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -294,6 +295,46 @@ def test_sft_loss_is_the_masked_nll_and_tuning_lowers_it(tmp_path, tiny):
     assert float(after) < 0.7 * float(loss)
     losses = [json.loads(line)["train/loss"] for line in open(tmp_path / "metrics.jsonl")]
     assert len(losses) == 12 and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("pack_length,micro", [(0, 2), (256, 1), (512, 1), (300, 2)])
+def test_a_packed_sft_step_equals_the_padded_one(tiny, pack_length, micro):
+    """Several examples a packed row (segment ids, fewer micro-batches in use) give the loss
+    and update of one example a padded row, to float tolerance."""
+    _, config, params, tok = tiny
+    data, _ = finetune_lib.encode(tok, _examples(4), 256)
+    real = int(data["attention_mask"].sum())
+
+    def step(**kw):
+        sc = finetune_lib.SFTConfig(steps=4, batch_size=4, max_length=256, lr=1e-2,
+                                    compute_dtype="float32", remat=False, **kw)
+        opt = training.make_optimizer(sc.lr, sc.steps, weight_decay=0.0)
+        state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                    opt_state=opt.init(params))
+        layout = sc.plan(data["attention_mask"])
+        return finetune_lib.sft_step(config, sc, opt, state, data, layout)
+
+    ref_state, ref = step(pack_length=0, micro_batch_size=4)  # one micro-batch of 4 rows
+    state, m = step(pack_length=pack_length, micro_batch_size=micro)
+    for k in ("loss", "grad_norm", "target_tokens", "real_tokens"):
+        np.testing.assert_allclose(float(m[k]), float(ref[k]), rtol=2e-5, err_msg=k)
+    assert float(m["real_tokens"]) == real
+    assert real <= float(m["token_slots"]) and float(ref["token_slots"]) == 4 * 256
+    if pack_length == 512:  # two examples a row: half the slots of one per 256-token row
+        assert float(m["token_slots"]) == 2 * 512
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params), strict=True))
+    assert diff < 1e-5
+
+
+def test_sft_refuses_a_pack_length_shorter_than_an_example(tmp_path, tiny):
+    _, config, params, tok = tiny
+    data, _ = finetune_lib.encode(tok, _examples(2), 256)
+    longest = int(data["attention_mask"].sum(1).max())
+    sc = finetune_lib.SFTConfig(steps=1, batch_size=2, max_length=256,
+                                pack_length=longest - 1)
+    with pytest.raises(ValueError, match="pack_length"):
+        finetune_lib.tune_on_arrays(config, params, data, str(tmp_path), sc, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------

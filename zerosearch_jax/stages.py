@@ -85,14 +85,15 @@ def warm_up_policy(c: ml_collections.ConfigDict, workdir: str,
     if done:
         return hf_dir
     t0 = time.perf_counter()
-    data, counts = _demonstrations(c, rollout_config, tokenizer, engine)
+    data, counts = demonstrations(c, rollout_config, tokenizer, engine)
     logger.info("format warm-up of %s on %d demonstrations (%s) in %s", c.policy,
                 len(data["tokens"]), counts, stage_dir)
     w = c.warmup
     sc = finetune.SFTConfig(steps=w.steps, batch_size=w.batch_size, lr=w.lr,
                             max_length=data["tokens"].shape[1], weight_decay=0.01,
                             compute_dtype=c.compute_dtype, remat=c.remat,
-                            checkpoint_every=w.steps, keep=1, seed=c.seed)
+                            checkpoint_every=w.steps, keep=1, seed=c.seed,
+                            pack_length=w.pack_length, micro_batch_size=w.micro_batch_size)
     model_config, params = models.load_pretrained(c.policy, dtype=jnp.float32)
     before_path = os.path.join(stage_dir, "validation_before.json")
     if validate_fn is not None and not os.path.exists(before_path):
@@ -107,11 +108,12 @@ def warm_up_policy(c: ml_collections.ConfigDict, workdir: str,
     models.save_pretrained(model_config, params, hf_dir, tokenizer=tokenizer)
     with open(os.path.join(stage_dir, "demonstrations.json"), "w") as f:
         json.dump({**counts, "seconds": time.perf_counter() - t0,
-                   "tokens_per_row": int(data["tokens"].shape[1])}, f, indent=2)
+                   "tokens_per_row": sc.pack_length or sc.max_length,
+                   "packed": bool(sc.pack_length)}, f, indent=2)
     return hf_dir
 
 
-def _demonstrations(c: ml_collections.ConfigDict, rollout_config: agent.RolloutConfig,
+def demonstrations(c: ml_collections.ConfigDict, rollout_config: agent.RolloutConfig,
                     tokenizer: Tokenizer, engine: search.SearchEngine) -> tuple[dict, dict]:
     """The warm-up's encoded demonstration episodes (`agent.warmup.encode_demonstrations`'s
     arrays) and the counts of kept and dropped questions."""

@@ -36,6 +36,7 @@ from zerosearch_jax import (
     curriculum,
     hooks,
     models,
+    packing,
     sampling,
     search,
     sharding,
@@ -55,7 +56,6 @@ from zerosearch_jax.inputs import (
 )
 from zerosearch_jax.metrics import MetricsWriter
 from zerosearch_jax.plot import plot_run
-from zerosearch_jax.rl import packing
 from zerosearch_jax.rl import train_step as ts
 from zerosearch_jax.settings import build, check
 from zerosearch_jax.simulator_sft import pipeline
@@ -138,16 +138,17 @@ def check_run(c: ml_collections.ConfigDict, settings: Settings) -> None:
     check(engine_mode != "in_graph" or c.simulator.kind == "llm", "rollout.engine",
           engine_mode, f"auto or host with simulator.kind={c.simulator.kind!r} (the in-graph "
           "rollout runs the in-process llm simulator)")
-    rollout, a = settings.rollout, c.algorithm
+    rollout, a, w = settings.rollout, c.algorithm, c.warmup
     longest = rollout.max_prompt_tokens + rollout.max_response_tokens
-    check(a.pack_length == 0 or a.pack_length >= longest, "algorithm.pack_length",
-          a.pack_length, f"0 (no packing) or >= the longest possible episode, {longest} tokens "
-          "(rollout.max_prompt_tokens + the response's turns and observations)")
-    w = c.warmup
+    for key, value in (("algorithm.pack_length", a.pack_length),
+                       ("warmup.pack_length", w.pack_length if w.steps else 0)):
+        check(value == 0 or value >= longest, key, value, f"0 (no packing) or >= the longest "
+              f"possible episode, {longest} tokens (rollout.max_prompt_tokens + the response's "
+              "turns and observations)")
     check(w.steps >= 0, "warmup.steps", w.steps, ">= 0 (0: no format warm-up)")
     if w.steps:
-        check(w.num_questions >= 1, "warmup.num_questions", w.num_questions, ">= 1")
-        check(w.batch_size >= 1, "warmup.batch_size", w.batch_size, ">= 1")
+        for key in ("num_questions", "batch_size", "micro_batch_size"):
+            check(w[key] >= 1, f"warmup.{key}", w[key], ">= 1")
         check(w.lr > 0, "warmup.lr", w.lr, "> 0")
         check(rollout.max_turns >= 1, "rollout.max_turns", rollout.max_turns,
               ">= 1 with warmup.steps > 0 (demonstrations search at least once)")

@@ -10,12 +10,14 @@ simulator's SFT and the policy's format warm-up (`simulator_sft.finetune`).
   held; on padded rows (`attention_mask`) or packed rows (`segment_ids`, several sequences a
   row, `segment_attention_mask`). `hidden_states` and `shift_right` are its pieces.
 - `masked_token_nll`: the next-token NLL over a loss mask as (sum, count), so a step split
-  into micro-batches divides once by the total count.
+  into micro-batches divides once by the total count; `accumulate`: the gradient summed over a
+  step's micro-batches (the packed ones in use).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -146,7 +148,7 @@ def policy_logprobs(config: models.ModelConfig, params, tokens: Array, attention
     segment_ids [B, T] (packed rows, 0 = padding) replaces attention_mask: a token attends to
     its own episode only; an episode's first entry then holds a prediction from the episode
     before it, which no loss reads (it is a prompt token). prefix_ids [B, T]: the segment of a
-    shared prompt each token also attends to (`rl.packing.plan`), 0 for none.
+    shared prompt each token also attends to (`packing.plan`), 0 for none.
     """
     hidden = hidden_states(config, params, tokens, attention_mask, positions, remat, dtype,
                            segment_ids, prefix_ids)
@@ -163,14 +165,34 @@ def masked_token_nll(config: models.ModelConfig, params, batch: dict, *, remat: 
                      dtype=None) -> tuple[Array, Array]:
     """(NLL sum, token count) of the next-token loss over `loss_mask`.
 
-    batch: tokens, attention_mask, positions, loss_mask [B, T]; loss_mask is indexed by the
-    token's own position (1 on the tokens to learn), like `policy_logprobs`' output.
+    batch: tokens, positions, loss_mask and either attention_mask (padded rows) or segment
+    (packed rows: several sequences a row, `packing.plan`'s segment ids) [B, T]; loss_mask is
+    indexed by the token's own position (1 on the tokens to learn), like `policy_logprobs`'
+    output, so a packed sequence's first token (predicted across the boundary) is never in it.
     """
-    logp, _ = policy_logprobs(config, params, batch["tokens"], batch["attention_mask"],
-                              batch["positions"], remat=remat, dtype=dtype)
+    logp, _ = policy_logprobs(config, params, batch["tokens"], batch.get("attention_mask"),
+                              batch["positions"], remat=remat, dtype=dtype,
+                              segment_ids=batch.get("segment"))
     nll = -(logp * batch["loss_mask"]).sum()
     count = batch["loss_mask"].sum()
     return nll, count
+
+
+def accumulate(loss_fn: Callable, params, micro_batch: Callable, n_micro: Array):
+    """Sum of grads (float32) and metric sums of loss_fn(params, batch) -> (loss, metrics) over
+    micro-batches 0..n_micro-1 (micro_batch(i) builds one; a loop whose length is data, so a
+    step that fills fewer packed micro-batches runs fewer and no shape depends on it)."""
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    metric_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: loss_fn(params, micro_batch(0))[1]))
+
+    def body(i, carry):
+        grads, metrics = carry
+        (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch(i))
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+        return grads, jax.tree.map(jnp.add, metrics, m)
+
+    return jax.lax.fori_loop(0, n_micro, body, (zeros, metric_zeros))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Host and device meet at three pure functions, each jitted once per run:
 
-- `UpdateConfig.plan` (host, `rl/packing.py`): where each real token of the [B, T] rollout
+- `UpdateConfig.plan` (host, `packing.py`): where each real token of the [B, T] rollout
   batch goes in fixed-shape packed micro-batches (several episodes a row, a GRPO group's
   prompt once), and which episodes form each PPO epoch's mini-batches.
 - `score_batch`: old log-probs (the current policy), reference log-probs (the frozen initial
@@ -19,7 +19,8 @@ Host and device meet at three pure functions, each jitted once per run:
 
 `make_train_fns` closes over the static pieces (configs, optimizers, shardings) and returns
 jitted functions with explicit shardings and donated state, PureJaxRL style. The generic pieces
-(`TrainState`, `make_optimizer`, `apply_if_finite`, `policy_logprobs`) are in `training`.
+(`TrainState`, `make_optimizer`, `apply_if_finite`, `policy_logprobs`, `accumulate`) are in
+`training`.
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from zerosearch_jax import models, training
+from zerosearch_jax import models, packing, training
 from zerosearch_jax.rl import algorithms as algo
-from zerosearch_jax.rl import packing
 from zerosearch_jax.sharding import DEFAULT_RULES, Placement
 
 Array = jax.Array
@@ -55,7 +55,7 @@ class UpdateConfig:
     advantage: algo.AdvantageConfig = algo.AdvantageConfig()
     kl_in_reward: bool = False  # PPO: subtract loss.kl_coef * KL from the token rewards.
     temperature: float = 1.0  # the rollout's sampling temperature; log-probs use logits / T.
-    # Tokens per packed row (several episodes a row, attention kept within each; rl/packing.py):
+    # Tokens per packed row (several episodes a row, attention kept within each; packing.py):
     # micro_batch_size then counts packed rows. 0: one episode per row of the batch's length.
     pack_length: int = 0
     remat: bool = True  # rematerialize transformer blocks in the backward pass.
@@ -224,22 +224,6 @@ def score_batch(config: models.ModelConfig, uc: UpdateConfig, params, ref_params
                   old_logprobs=old, old_values=values)
 
 
-def _accumulate(loss_fn: Callable, params, micro_batch: Callable, n_micro: Array):
-    """Sum of grads (float32) and metric sums of loss_fn over micro-batches 0..n_micro-1
-    (micro_batch(i) builds one; a loop whose length is data, so no shape depends on it)."""
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    metric_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda: loss_fn(params, micro_batch(0))[1]))
-
-    def body(i, carry):
-        grads, metrics = carry
-        (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch(i))
-        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-        return grads, jax.tree.map(jnp.add, metrics, m)
-
-    return jax.lax.fori_loop(0, n_micro, body, (zeros, metric_zeros))
-
-
 def _loss_token_count(segment: Array, per_episode: Array) -> Array:
     """The loss tokens of a mini-batch: those of its episodes. segment [Mb, R, L] (b + 1 marks
     episode b; shared prompts, > B, hold none); per_episode [B] loss tokens. At least 1."""
@@ -298,7 +282,7 @@ def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
             return mb
 
         count = _loss_token_count(segment, per_episode)
-        grads, metrics = _accumulate(lambda p, m: actor_loss(p, m, count), state.params,
+        grads, metrics = training.accumulate(lambda p, m: actor_loss(p, m, count), state.params,
                                      micro_batch, n_micro)
         metrics = {k: v / count for k, v in metrics.items()}
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -308,7 +292,7 @@ def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
         metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
         critic_params, critic_opt_state = state.critic_params, state.critic_opt_state
         if critic_params is not None:
-            cgrads, cm = _accumulate(lambda p, m: critic_loss(p, m, count), critic_params,
+            cgrads, cm = training.accumulate(lambda p, m: critic_loss(p, m, count), critic_params,
                                      micro_batch, n_micro)
             metrics["vf_loss"] = cm["vf_loss"] / count
             metrics["critic_grad_norm"] = optax.global_norm(cgrads)

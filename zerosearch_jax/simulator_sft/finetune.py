@@ -4,9 +4,12 @@ Each example is the docs/method.md §3 prompt (question, gold answer, query, use
 by its `Doc i:` target and the end-of-turn token; the loss mask covers the target and that token,
 so the model learns to write documents, not to reproduce prompts. The step is one pure function
 (AdamW through `training.make_optimizer`, float32 master weights, `compute_dtype` matmuls,
-a non-finite step skipped), jitted once with the state donated. Checkpoints (orbax) hold the
-state and the data position, so an interrupted tuning resumes where it stopped; the result is
-exported as a Hugging Face directory that `models.load_pretrained` (and vLLM / SGLang) read.
+a non-finite step skipped), jitted once with the state donated. With `pack_length` a step's
+examples are packed several to a row (`packing.plan`, as the RL update's episodes; attention
+within each example), so the step runs on real tokens, not padding, in fixed shapes.
+Checkpoints (orbax) hold the state and the data position, so an interrupted tuning resumes
+where it stopped; the result is exported as a Hugging Face directory that
+`models.load_pretrained` (and vLLM / SGLang) read.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from zerosearch_jax import models, training
+from zerosearch_jax import models, packing, training
 from zerosearch_jax.data.iterator import DataIterator
 from zerosearch_jax.search.base import QueryContext
 from zerosearch_jax.search.simulator import SimulatorPrompt
@@ -42,6 +45,11 @@ class SFTConfig:
     grad_clip: float = 1.0
     compute_dtype: str = "bfloat16"
     remat: bool = True
+    # Tokens per packed row (a step's examples several to a row; packing.plan): the step runs
+    # only the rows they fill, micro_batch_size rows per forward/backward. 0: one example per
+    # row of max_length tokens, micro_batch_size rows a micro-batch.
+    pack_length: int = 0
+    micro_batch_size: int = 0  # 0: batch_size (unpacked) or 1 (packed).
     checkpoint_every: int = 100
     keep: int = 2
     seed: int = 0
@@ -52,6 +60,18 @@ class SFTConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.pack_length < 0 or self.micro_batch_size < 0:
+            raise ValueError(f"pack_length and micro_batch_size must be >= 0, got "
+                             f"{self.pack_length} and {self.micro_batch_size}")
+
+    @property
+    def rows(self) -> int:
+        """Rows per forward/backward."""
+        return self.micro_batch_size or (1 if self.pack_length else self.batch_size)
+
+    def plan(self, attention_mask: np.ndarray) -> packing.Layout:
+        """The packing of one step's examples (attention_mask [batch_size, max_length])."""
+        return packing.plan(attention_mask, self.rows, self.pack_length)
 
 
 def encode(tokenizer, examples: Sequence[dict], max_length: int) -> tuple[dict, int]:
@@ -97,17 +117,39 @@ def sft_loss(config: models.ModelConfig, params, batch: dict, *, remat: bool = T
 
 
 def sft_step(config: models.ModelConfig, sc: SFTConfig, optimizer, state: training.TrainState,
-             batch: dict) -> tuple[training.TrainState, dict]:
-    """One AdamW step on a [B, T] batch. Pure; jit it with the state donated."""
+             batch: dict, layout: packing.Layout) -> tuple[training.TrainState, dict]:
+    """One AdamW step on a batch of examples. Pure; jit it with the state donated.
+
+    batch: tokens, attention_mask, positions, loss_mask [B, T]; layout: `sc.plan` of its
+    attention mask. The gradient is summed over the layout's micro-batches in use (packed or one
+    example a row) and divided once by the step's target-token count, so it does not depend on
+    the packing.
+    """
     dtype = jnp.dtype(sc.compute_dtype)
-    (loss, (nll, count)), grads = jax.value_and_grad(
-        lambda p: sft_loss(config, p, batch, remat=sc.remat, dtype=dtype), has_aux=True)(
-        state.params)
+    layout = jax.tree.map(jnp.asarray, layout)  # a host plan works too, outside jit
+    count = jnp.maximum(batch["loss_mask"].sum(), 1.0)
+    fields = {k: batch[k] for k in ("tokens", "positions", "loss_mask")}
+
+    def micro_batch(i):
+        index, segment = layout.score_index[i], layout.score_segment[i]
+        mb = {k: packing.gather(v, index, segment) for k, v in fields.items()}
+        mb["segment"] = segment
+        return mb
+
+    def loss_fn(params, mb):
+        nll, _ = training.masked_token_nll(config, params, mb, remat=sc.remat, dtype=dtype)
+        return nll / count, {"nll": nll}
+
+    grads, sums = training.accumulate(loss_fn, state.params, micro_batch, layout.score_used)
+    loss = sums["nll"] / count
     grad_norm = optax.global_norm(grads)
     params, opt_state, finite = training.apply_if_finite(optimizer, grads, state.params,
                                                           state.opt_state, loss, grad_norm)
     metrics = {"loss": loss, "target_tokens": count, "grad_norm": grad_norm,
-               "nonfinite": 1.0 - finite.astype(jnp.float32)}
+               "nonfinite": 1.0 - finite.astype(jnp.float32),
+               "real_tokens": batch["attention_mask"].sum(dtype=jnp.float32),
+               "token_slots": (layout.score_used * layout.score_index[0].size).astype(
+                   jnp.float32)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -141,11 +183,16 @@ def tune_on_arrays(config: models.ModelConfig, params, data: dict[str, np.ndarra
     n = len(data["tokens"])
     if n == 0:
         raise ValueError("no rows to tune on")
+    longest = int(data["attention_mask"].sum(axis=1).max())
+    if sc.pack_length and longest > sc.pack_length:
+        raise ValueError(f"an example has {longest} tokens, more than pack_length="
+                         f"{sc.pack_length}: raise it to at least the longest example")
     optimizer = training.make_optimizer(sc.lr, sc.steps, sc.warmup_ratio,
                                         weight_decay=sc.weight_decay, grad_clip=sc.grad_clip)
     state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                 opt_state=optimizer.init(params))
-    step_fn = jax.jit(lambda s, b: sft_step(config, sc, optimizer, s, b), donate_argnums=(0,))
+    step_fn = jax.jit(lambda s, b, lay: sft_step(config, sc, optimizer, s, b, lay),
+                      donate_argnums=(0,))
     order = DataIterator(list(range(n)), seed=sc.seed)
 
     manager = ocp.CheckpointManager(
@@ -166,7 +213,8 @@ def tune_on_arrays(config: models.ModelConfig, params, data: dict[str, np.ndarra
                disable=not progress, dynamic_ncols=True)
     for step in bar:
         idx = np.asarray(order.next_batch(sc.batch_size))
-        state, metrics = step_fn(state, {k: v[idx] for k, v in data.items()})
+        batch = {k: v[idx] for k, v in data.items()}
+        state, metrics = step_fn(state, batch, sc.plan(batch["attention_mask"]))
         metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
         writer.write(step + 1, metrics)
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
