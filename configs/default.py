@@ -32,7 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.train = "synthetic:train"  # synthetic:<split> | file.jsonl | file.parquet | hf:id:config
     c.data.validation = "synthetic:validation"
     c.data.synthetic_seed = 0  # seed of the synthetic world.
-    c.data.validation_size = 16  # questions used for validation (fixed sample).
+    # Questions used for validation (a fixed sample, shared evenly among the sources: single-
+    # and two-hop). One question moves F1 by 1/64; each F1 is logged with its 95% interval.
+    c.data.validation_size = 64
+    c.data.validation_stratify = True
     c.data.on_error = "skip"  # malformed rows: skip (logged) or raise.
 
     # -- rollout --------------------------------------------------------------------------------

@@ -277,6 +277,23 @@ def test_sample():
         sample(examples, -1, seed=0)
 
 
+def test_stratified_sample_shares_the_questions_evenly_among_sources():
+    examples = ([QAExample(f"s{i}", "q?", ("a",), "single") for i in range(90)]
+                + [QAExample(f"m{i}", "q?", ("a",), "multi") for i in range(30)]
+                + [QAExample(f"r{i}", "q?", ("a",), "rare") for i in range(3)])
+    subset = sample(examples, 64, seed=0, stratify=True)
+    count = {src: sum(e.data_source == src for e in subset) for src in ("single", "multi",
+                                                                        "rare")}
+    # 64 over 3 sources: the rare one gives its 3, the rest is split as evenly as it goes.
+    assert count == {"single": 31, "multi": 30, "rare": 3}
+    assert len(set(subset)) == 64 and subset == sample(examples, 64, seed=0, stratify=True)
+    order = [examples.index(e) for e in subset]
+    assert order == sorted(order)  # original order
+    even = sample(examples[:120], 64, seed=3, stratify=True)
+    assert sum(e.data_source == "multi" for e in even) == 30  # all 30: fewer than 32
+    assert sample(examples, 10, seed=0, stratify=False) == sample(examples, 10, seed=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # TFDS builder (the tensorflow-free parts; the full build needs tensorflow-datasets)
 # ---------------------------------------------------------------------------------------------

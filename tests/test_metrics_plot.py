@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from zerosearch_jax import plot
-from zerosearch_jax.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, read_metrics
+from zerosearch_jax.metrics import (
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    MetricsWriter,
+    bootstrap_interval,
+    read_metrics,
+    summary,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -178,6 +185,33 @@ def _synthetic_run(workdir, steps=60):
             })
             if step % 10 == 0:
                 writer.write(step, {"f1": t, "nq/f1": t / 2, "cover_em": t}, prefix="val")
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_questions():
+    rng = np.random.default_rng(0)
+    small, large = rng.random(16), rng.random(256)
+    lo, hi = bootstrap_interval(small)
+    assert lo < small.mean() < hi
+    lo2, hi2 = bootstrap_interval(large)
+    assert lo2 < large.mean() < hi2 and (hi2 - lo2) < (hi - lo) / 2
+    # Binary scores: the interval of 32 of 64 right is about 0.5 +- 1.96 * sqrt(.25 / 64).
+    lo3, hi3 = bootstrap_interval(np.r_[np.ones(32), np.zeros(32)])
+    assert abs(lo3 - 0.377) < 0.03 and abs(hi3 - 0.623) < 0.03
+    assert bootstrap_interval(np.ones(8)) == (1.0, 1.0)
+    assert all(np.isnan(bootstrap_interval([])))
+    assert summary({"f1": 0.5, "f1_lo": 0.375, "f1_hi": 0.625, "em": 0.25, "nq/f1": 0.1}) == \
+        "f1=0.500 [0.38, 0.62], em=0.250"
+
+
+def test_interval_bounds_are_a_band_not_panels(tmp_path):
+    with MetricsWriter(tmp_path, tensorboard=False) as writer:
+        for step in (0, 3, 6):
+            writer.write(step, {"f1": 0.5, "f1_lo": 0.4, "f1_hi": 0.6, "single/f1": 0.7,
+                                "single/f1_lo": 0.6, "single/f1_hi": 0.8}, prefix="val")
+    series = plot.load_series(read_metrics(tmp_path))
+    plan = {group.name: panels for group, panels in plot.plan_panels(list(series))}
+    assert plan["validation"] == [("Validation: f1", ["val/f1", "val/single/f1"])]
+    assert all(path.endswith(".png") for path in plot.plot_run(tmp_path))
 
 
 def test_plan_skips_absent_groups_and_null_keys(tmp_path):

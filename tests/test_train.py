@@ -40,6 +40,7 @@ def test_unknown_config_key_fails_before_work(tmp_path):
     ("--config.rollout.max_turns=-1", "max_turns must be >= 0, got -1"),
     ("--config.curriculum.end=1.5", "config.curriculum"),
     ("--config.algorithm.pack_length=512", "algorithm.pack_length"),
+    ("--config.warmup.pack_length=512", "warmup.pack_length"),
 ])
 def test_bad_config_value_is_named(tmp_path, flag, message):
     proc = _run(["--config=configs/default.py", f"--workdir={tmp_path}", flag], timeout=120)
@@ -60,6 +61,10 @@ def test_sigkill_resume_matches_uninterrupted_run(policy_dir, tmp_path):
     rows = [json.loads(line) for line in open(full / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert os.path.exists(full / "plots" / "training_curves.png")
+    final = json.load(open(full / "final_validation.json"))  # each F1 with its interval
+    assert final["f1_lo"] <= final["f1"] <= final["f1_hi"]
+    assert any(k.endswith("/f1_hi") for k in final) and any(k.endswith("/searches")
+                                                             for k in final)
 
     # Same run, killed with SIGKILL once the step-2 checkpoint exists, then restarted.
     killed = tmp_path / "killed"

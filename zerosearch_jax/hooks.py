@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from zerosearch_jax import agent, checkpoints, sampling, search, sharding
+from zerosearch_jax import agent, checkpoints, metrics, sampling, search, sharding
 from zerosearch_jax.data.iterator import DataIterator
 
 logger = logging.getLogger("zerosearch_jax.train")
@@ -106,7 +106,9 @@ def across_processes(local: dict[str, float]) -> dict[str, float]:
 def validate(config, params, tokenizer, examples, engine: search.SearchEngine,
              rollout_config: agent.RolloutConfig, seed: int,
              placement: sharding.Placement | None = None) -> dict[str, float]:
-    """Greedy episodes on the validation questions: EM / cover EM / F1, overall and per source.
+    """Greedy episodes on the validation questions: EM / cover EM / F1 and searches per
+    question, overall and per source, with the 95% bootstrap interval of each F1 (`f1_lo`,
+    `f1_hi`: the questions resampled).
 
     With several processes each one rolls out every process_count-th question (params on its
     `placement`) and the per-question scores are gathered, so all return the same numbers.
@@ -126,9 +128,12 @@ def validate(config, params, tokenizer, examples, engine: search.SearchEngine,
     f1, em, cover_em, searches = scores
     out = {"f1": float(f1.mean()), "em": float(em.mean()), "cover_em": float(cover_em.mean()),
            "searches": float(searches.mean())}
+    out["f1_lo"], out["f1_hi"] = metrics.bootstrap_interval(f1, seed=seed)
     sources = np.array([e.data_source for e in examples])
     for src in sorted(set(sources)):
         sel = sources == src
         out[f"{src}/f1"] = float(f1[sel].mean())
+        out[f"{src}/f1_lo"], out[f"{src}/f1_hi"] = metrics.bootstrap_interval(f1[sel], seed=seed)
         out[f"{src}/cover_em"] = float(cover_em[sel].mean())
+        out[f"{src}/searches"] = float(searches[sel].mean())
     return out

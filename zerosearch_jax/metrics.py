@@ -31,6 +31,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -227,7 +229,27 @@ def read_metrics(workdir_or_file: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def bootstrap_interval(values, level: float = 0.95, resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of `values` (per-question scores):
+    resample the questions with replacement `resamples` times. (nan, nan) for no values."""
+    x = np.asarray(values, np.float64)
+    if x.size == 0:
+        return math.nan, math.nan
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))
+    means = x[idx].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
 def summary(metrics: Mapping[str, float]) -> str:
-    """The top-level scores of a metrics dict on one line (`f1=0.500, em=0.438`); per-source
+    """The top-level scores of a metrics dict on one line (`f1=0.500 [0.38, 0.62], em=0.438`),
+    a score's 95% interval beside it when the dict holds one (`f1_lo`, `f1_hi`); per-source
     keys (`nq/f1`) are left out."""
-    return ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if "/" not in k)
+    parts = []
+    for k, v in metrics.items():
+        if "/" in k or k.endswith(("_lo", "_hi")):
+            continue
+        lo, hi = metrics.get(f"{k}_lo"), metrics.get(f"{k}_hi")
+        parts.append(f"{k}={v:.3f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None else ""))
+    return ", ".join(parts)

@@ -345,7 +345,7 @@ def assemble(c: ml_collections.ConfigDict, workdir: str, settings: Settings,
     val_engine = make_validation_engine(c)
     val_examples = qa.sample(load_examples(c.data.validation, c, tokenizer, rc,
                                            "data.validation"), c.data.validation_size,
-                             seed=c.seed)
+                             seed=c.seed, stratify=c.data.validation_stratify)
     # Before any stage: a data problem is found in seconds, not after the warm-up.
     train_examples = load_examples(c.data.train, c, tokenizer, rc, "data.train")
     check(c.prompts_per_step <= len(train_examples), "prompts_per_step", c.prompts_per_step,

@@ -334,14 +334,32 @@ def load_file(path: str | Path, limit: int | None = None,
     )
 
 
-def sample(examples: Sequence[QAExample], n: int | None, seed: int) -> list[QAExample]:
+def sample(examples: Sequence[QAExample], n: int | None, seed: int,
+           stratify: bool = False) -> list[QAExample]:
     """A fixed-seed subset of `n` examples, in their original order; all when n is None or >= len.
 
-    Used to draw the 500-question evaluation subsets (docs/method.md §9) reproducibly.
+    Used to draw the 500-question evaluation subsets (docs/method.md §9) reproducibly. With
+    `stratify`, the `n` are shared evenly among the examples' data sources (a remainder goes to
+    the first sources in sorted order; a source with too few examples gives all it has and the
+    rest go to the others), so e.g. single- and two-hop questions are equally represented.
     """
     if n is not None and n < 0:
         raise ValueError(f"n must be >= 0 or None, got {n!r}")
     if n is None or n >= len(examples):
         return list(examples)
-    indices = np.random.default_rng(seed).choice(len(examples), size=n, replace=False)
-    return [examples[i] for i in sorted(indices)]
+    rng = np.random.default_rng(seed)
+    if not stratify:
+        return [examples[i] for i in sorted(rng.choice(len(examples), size=n, replace=False))]
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(e.data_source, []).append(i)
+    quota = dict.fromkeys(groups, 0)
+    left = n
+    while left:  # one more per source that still has some, in sorted order, until n
+        for src in sorted(groups):
+            if left and quota[src] < len(groups[src]):
+                quota[src] += 1
+                left -= 1
+    chosen = [i for src in sorted(groups)
+              for i in rng.choice(groups[src], size=quota[src], replace=False)]
+    return [examples[i] for i in sorted(chosen)]
