@@ -54,18 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.temperature = 1.0
     c.rollout.top_p = 0.95
 
-    # -- format warm-up (the stage before RL) --------------------------------------------------
-    # A 135M policy cannot follow the template unaided, so RL would see only zero rewards:
-    # behaviour cloning on demonstration episodes (search the question, read real BM25
-    # documents, answer; agent/warmup.py) first, cached in <workdir>/warmup. The paper's
-    # configs set steps = 0 (their 3B/7B policies need none).
-    c.warmup = ml_collections.ConfigDict()
-    c.warmup.steps = 10  # behaviour-cloning steps (0: no warm-up); the loss is ~0.06 by step 9.
-    c.warmup.num_questions = 48  # training questions to demonstrate (those whose visible
-    # documents lack a gold answer are dropped).
-    c.warmup.batch_size = 4
-    c.warmup.lr = 5e-5
-
+    c.warmup = warmup()
     c.simulator = simulator(c)
 
     # -- curriculum -----------------------------------------------------------------------------
@@ -77,20 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.algorithm = algorithm()
     c.optim = optimizer()
-    # The warm-up packs a step's demonstrations several to a row, in rows as long as the RL
-    # update's (0: one demonstration per row, padded to the bucketed width).
-    c.warmup.pack_length = 1024
-    c.warmup.micro_batch_size = 1  # packed rows per forward/backward.
 
-    # -- validation, logging, checkpoints --------------------------------------------------------
-    c.validation = ml_collections.ConfigDict()
-    # Steps between validations (also before the first and after the last step). 64 questions
-    # cost ~4x the time of 16 on a CPU: the default validates before and after RL only.
-    c.validation.every = 6
-    c.validation.engine = "bm25"  # bm25 (over the world / a corpus) | searchr1 | serpapi
-    c.validation.corpus = ""  # bm25: "" = the synthetic world's passages, "wiki", or a jsonl.
-    c.validation.url = ""
-    c.validation.topk = 3
+    c.validation = validation()
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 3
     c.checkpoint.keep = 2
@@ -99,6 +76,38 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.mesh = mesh()
     return c
+
+
+def warmup() -> ml_collections.ConfigDict:
+    """The format warm-up, the stage before RL."""
+    # A 135M policy cannot follow the template unaided, so RL would see only zero rewards:
+    # behaviour cloning on demonstration episodes (search the question, read real BM25
+    # documents, answer; agent/warmup.py) first, cached in <workdir>/warmup. The paper's
+    # configs set steps = 0 (their 3B/7B policies need none).
+    w = ml_collections.ConfigDict()
+    w.steps = 10  # behaviour-cloning steps (0: no warm-up); the loss is ~0.06 by step 9.
+    w.num_questions = 48  # training questions to demonstrate (those whose visible
+    # documents lack a gold answer are dropped).
+    w.batch_size = 4
+    w.lr = 5e-5
+    # A step's demonstrations packed several to a row, in rows as long as the RL update's
+    # (0: one demonstration per row, padded to the bucketed width).
+    w.pack_length = 1024
+    w.micro_batch_size = 1  # packed rows per forward/backward.
+    return w
+
+
+def validation() -> ml_collections.ConfigDict:
+    """Validation with a real engine (before RL, every `every` steps, after the last)."""
+    v = ml_collections.ConfigDict()
+    # Steps between validations (also before the first and after the last step). 64 questions
+    # cost ~4x the time of 16 on a CPU: the default validates before and after RL only.
+    v.every = 6
+    v.engine = "bm25"  # bm25 (over the world / a corpus) | searchr1 | serpapi
+    v.corpus = ""  # bm25: "" = the synthetic world's passages, "wiki", or a jsonl.
+    v.url = ""
+    v.topk = 3
+    return v
 
 
 def algorithm() -> ml_collections.ConfigDict:
