@@ -289,7 +289,10 @@ def test_sft_loss_is_the_masked_nll_and_tuning_lowers_it(tmp_path, tiny):
 
     sc = finetune_lib.SFTConfig(steps=12, batch_size=2, max_length=256, lr=1e-2,
                                 compute_dtype="float32", remat=False, checkpoint_every=6)
-    tuned = finetune_lib.run_finetune(config, params, tok, _examples(4), str(tmp_path), sc,
+    # The tuning consumes (donates) the parameters it starts from: give it a copy, the
+    # module's other tests read the fixture's.
+    tuned = finetune_lib.run_finetune(config, jax.tree.map(jnp.copy, params), tok,
+                                      _examples(4), str(tmp_path), sc,
                                       progress=False)
     after, _ = finetune_lib.sft_loss(config, tuned, batch, remat=False)
     assert float(after) < 0.7 * float(loss)

@@ -155,8 +155,9 @@ def sft_step(config: models.ModelConfig, sc: SFTConfig, optimizer, state: traini
 
 def run_finetune(config: models.ModelConfig, params, tokenizer, examples: Sequence[dict],
              workdir: str, sc: SFTConfig, *, progress: bool = True):
-    """Tunes `params` on the examples; checkpoints in `<workdir>/checkpoints` (resumed when
-    present), the loss curve in `<workdir>/metrics.jsonl`. Returns the tuned parameters."""
+    """Tunes `params` (donated: `tune_on_arrays`) on the examples; checkpoints in
+    `<workdir>/checkpoints` (resumed when present), the loss curve in
+    `<workdir>/metrics.jsonl`. Returns the tuned parameters."""
     if not examples:
         raise ValueError("no SFT examples to tune on")
     data, cut = encode(tokenizer, examples, sc.max_length)
@@ -174,7 +175,8 @@ def tune_on_arrays(config: models.ModelConfig, params, data: dict[str, np.ndarra
     format warm-up): `data` holds tokens, attention_mask, positions, loss_mask [N, T]; each
     step draws `sc.batch_size` rows (shuffled per epoch from `sc.seed`). Checkpoints (state
     and data position) in `<workdir>/checkpoints`, resumed when present; the loss curve in
-    `<workdir>/metrics.jsonl`. Returns the tuned parameters."""
+    `<workdir>/metrics.jsonl`. Returns the tuned parameters. `params` are donated to the
+    first step (their buffers are reused, not copied): pass a copy to keep them."""
     import orbax.checkpoint as ocp
     from tqdm import tqdm
 
