@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 _RESERVED_KEYS = ("step", "time")
+# Suffixes of a score's interval bounds (`f1_lo`, `f1_hi`): printed beside it, drawn as its band.
+INTERVAL_BOUNDS = ("_lo", "_hi")
 
 
 def metrics_path(workdir_or_file: str | os.PathLike) -> Path:
@@ -248,8 +250,8 @@ def summary(metrics: Mapping[str, float]) -> str:
     keys (`nq/f1`) are left out."""
     parts = []
     for k, v in metrics.items():
-        if "/" in k or k.endswith(("_lo", "_hi")):
+        if "/" in k or k.endswith(INTERVAL_BOUNDS):
             continue
-        lo, hi = metrics.get(f"{k}_lo"), metrics.get(f"{k}_hi")
+        lo, hi = (metrics.get(k + b) for b in INTERVAL_BOUNDS)
         parts.append(f"{k}={v:.3f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None else ""))
     return ", ".join(parts)

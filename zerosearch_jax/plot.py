@@ -32,13 +32,12 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from zerosearch_jax.metrics import metrics_path, read_metrics
+from zerosearch_jax.metrics import INTERVAL_BOUNDS, metrics_path, read_metrics
 
 GRID_FILE = "training_curves.png"
 PLOTS_DIR = "plots"
 _SMOOTH_MIN_POINTS = 10  # shorter series are drawn raw, with markers
 _GRID_COLUMNS = 3
-_BOUNDS = ("_lo", "_hi")  # suffixes of a score's interval bounds (a band around it)
 _PANEL_SIZE = (5.0, 3.5)  # inches
 _DPI = 110
 
@@ -65,7 +64,7 @@ class MetricGroup:
     def panels(self, keys: Sequence[str]) -> list[Panel]:
         # A score's interval bounds (`val/f1_lo`, `val/f1_hi`) are drawn as its band, not as
         # curves of their own.
-        keys = [k for k in keys if not k.endswith(_BOUNDS)]
+        keys = [k for k in keys if not k.endswith(INTERVAL_BOUNDS)]
         if self.split is None:
             return [(self.title, list(keys))]
         by_panel: dict[str, list[str]] = {}
@@ -139,7 +138,7 @@ def _draw_panel(ax, title: str, keys: Sequence[str], series) -> None:
         steps, values = series[key]
         if len(values) <= _SMOOTH_MIN_POINTS:
             (line,) = ax.plot(steps, values, marker="o", markersize=3, linewidth=1.2, label=key)
-            lo, hi = (series.get(key + b) for b in _BOUNDS)
+            lo, hi = (series.get(key + b) for b in INTERVAL_BOUNDS)
             if lo is not None and hi is not None and np.array_equal(lo[0], hi[0]):
                 ax.fill_between(lo[0], lo[1], hi[1], color=line.get_color(), alpha=0.15,
                                 linewidth=0)
