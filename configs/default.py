@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # every random choice (data order, sampling, coin flips) derives from it.
     c.total_steps = 6  # RL steps (upstream: 203).
+    # A finished run's workdir whose stages (warmup/, simulator_sft/) this run reuses instead of
+    # running its own (sweeps over RL settings); "" = run them in this run's workdir.
+    c.stages_dir = ""
 
     # -- models -------------------------------------------------------------------------------
     c.policy = "smollm2-135m-instruct"  # embedded name, HF dir, .gguf file or hub id.
@@ -36,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     # and two-hop). One question moves F1 by 1/64; each F1 is logged with its 95% interval.
     c.data.validation_size = 64
     c.data.validation_stratify = True
+    c.data.validation_seed = 0  # the sample's seed: the same questions for every run seed.
     c.data.on_error = "skip"  # malformed rows: skip (logged) or raise.
 
     # -- rollout --------------------------------------------------------------------------------
@@ -103,6 +107,9 @@ def validation() -> ml_collections.ConfigDict:
     # Steps between validations (also before the first and after the last step). 64 questions
     # cost ~4x the time of 16 on a CPU: the default validates before and after RL only.
     v.every = 6
+    # The warmed-up policy's validation at step 0. Runs that share one run's stages
+    # (stages_dir) share its step-0 validation too (greedy, the same questions): False skips it.
+    v.before_rl = True
     v.engine = "bm25"  # bm25 (over the world / a corpus) | searchr1 | serpapi
     v.corpus = ""  # bm25: "" = the synthetic world's passages, "wiki", or a jsonl.
     v.url = ""
@@ -130,6 +137,9 @@ def algorithm() -> ml_collections.ConfigDict:
     a.kl_estimator = "low_var_kl"  # k1 | abs | mse | low_var_kl
     a.use_kl_loss = True
     a.kl_in_reward = False  # PPO upstream: KL in the reward instead.
+    # The loss mask: train on the policy's own tokens only (False: the paper's ablation, the
+    # inserted documents are trained on too).
+    a.mask_observations = True
     a.upstream_kl_sign = False  # True reproduces upstream's subtracted KL (a bug).
     a.gamma = 1.0
     a.lam = 1.0

@@ -113,3 +113,30 @@ def test_on_policy_ratio_is_one_at_the_sampling_temperature(sampler):
     c = default.get_config()
     c.rollout.temperature = 0.7
     assert train.build_settings(c).update.temperature == 0.7
+
+
+def test_the_no_mask_ablation_trains_on_inserted_tokens():
+    """`mask_observations=False` (the paper's loss-masking ablation): the loss covers every real
+    token from the first policy token on, the observation included, and not the prompt or the
+    padding; the default covers the policy's tokens only."""
+    config = toy_config()
+    params = models.init_params(config, 0)
+    # Row 0: pad, prompt (2), policy 2, observation 2, policy 1, pad. Row 1: no policy token.
+    tokens = np.array([[0, 1, 4, 7, 7, 3, 3, 7, 0], [0, 1, 4, 0, 0, 0, 0, 0, 0]], np.int32)
+    attention = tokens > 0
+    loss = np.array([[0, 0, 0, 1, 1, 0, 0, 1, 0], [0] * 9], np.float32)
+    batch = {"tokens": tokens, "attention_mask": attention,
+             "positions": np.maximum(np.cumsum(attention, 1) - 1, 0).astype(np.int32),
+             "loss_mask": loss, "rewards": loss * 0.5, "group": np.zeros(2, np.int32),
+             "logprobs": np.zeros(tokens.shape, np.float32)}
+    layout = packing.plan(attention, 2)
+    for masked, expected in ((True, loss[0]), (False, [0, 0, 0, 1, 1, 1, 1, 1, 0])):
+        uc = ts.UpdateConfig(advantage_estimator="grpo", micro_batch_size=2, remat=False,
+                             mask_observations=masked)
+        out = ts.score_batch(config, uc, params, params, None, batch, layout)
+        np.testing.assert_array_equal(np.asarray(out.loss_mask), [expected, [0] * 9])
+    uc = ts.UpdateConfig(mask_observations=False, kl_in_reward=True)
+    assert uc.needs_old_logprobs  # the rollout has no log-probs of the inserted tokens
+    c = default.get_config()
+    c.algorithm.mask_observations = False
+    assert not train.build_settings(c).update.mask_observations

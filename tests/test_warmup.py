@@ -146,3 +146,23 @@ def test_warm_up_stage_runs_once_and_rl_starts_from_it(tmp_path, smollm2_tokeniz
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "using the warmed-up policy" in proc.stderr
     assert os.path.getmtime(stage / "demonstrations.json") == mtime
+    # Another run reads that stage through stages_dir (a sweep's points): nothing is written
+    # in the shared directory, nothing of the stage in its own, and with before_rl=False there
+    # is no step-0 validation. A stages_dir without the stage is refused, naming the key.
+    other = tmp_path / "other"
+    flags = tiny_run_flags(policy, other, steps=1, **{
+        "warmup.steps": 3, "rollout.max_turns": 2, "stages_dir": str(work),
+        "validation.before_rl": False})
+    proc = subprocess.run([sys.executable, "-m", "zerosearch_jax.train", *flags], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"using the warmed-up policy in {stage / 'hf'}" in proc.stderr
+    assert not (other / "warmup").exists()
+    assert os.path.getmtime(stage / "demonstrations.json") == mtime
+    steps = [json.loads(line)["step"] for line in open(other / "metrics.jsonl")]
+    assert steps == [1]
+    flags = tiny_run_flags(policy, tmp_path / "third", steps=1, **{
+        "warmup.steps": 3, "stages_dir": str(tmp_path / "empty")})
+    proc = subprocess.run([sys.executable, "-m", "zerosearch_jax.train", *flags], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "config.stages_dir" in proc.stderr, proc.stderr[-2000:]

@@ -5,7 +5,9 @@
 
 A stage's complete Hugging Face export (`<stage>/hf`, `models.is_exported`) is its cache: a
 re-run reuses it, and a stage killed part-way resumes from its own checkpoints. A stage runs
-on one host; a multi-host run must be given the exports (the error says how).
+on one host; a multi-host run must be given the exports (the error says how). `stages_dir`
+(config) points every run of a sweep at one finished run's stages: they are read there, never
+run there (points running side by side would race to write them).
 """
 
 from __future__ import annotations
@@ -29,15 +31,28 @@ from zerosearch_jax.tokenizer import Tokenizer
 logger = logging.getLogger("zerosearch_jax.stages")
 
 
-def cached(workdir: str, name: str, what: str, single_host: str) -> tuple[str, str, bool]:
+def stage_root(c: ml_collections.ConfigDict, workdir: str) -> str:
+    """Where a run's stages are cached: `stages_dir` when set (shared, read only), else the
+    run's own workdir."""
+    return c.get("stages_dir") or workdir
+
+
+def cached(workdir: str, name: str, what: str, single_host: str,
+           shared: bool = False) -> tuple[str, str, bool]:
     """(directory, its hf/ export, whether that export is complete) of the stage cached in
     `<workdir>/<name>`. A stage still to run refuses several processes (it runs on one host)
-    with the `single_host` message."""
+    with the `single_host` message, and a `shared` stage directory (`stages_dir`) that lacks
+    it."""
     stage_dir = os.path.join(workdir, name)
     hf_dir = os.path.join(stage_dir, "hf")
     if models.is_exported(hf_dir):
         logger.info("using %s in %s", what, hf_dir)
         return stage_dir, hf_dir, True
+    if shared:
+        raise ConfigError(
+            f"config.stages_dir = {workdir!r}: no {what} in {hf_dir}; finish a run there first "
+            f"(python -m zerosearch_jax.train --config=<the same config> --workdir={workdir}), "
+            "or leave stages_dir empty to run the stage in this run's workdir")
     if jax.process_count() > 1:
         raise ConfigError(single_host)
     return stage_dir, hf_dir, False
@@ -52,9 +67,10 @@ def tune_simulator(c: ml_collections.ConfigDict, workdir: str,
     tuned model's directory.
     """
     sft_dir, hf_dir, done = cached(
-        workdir, "simulator_sft", "the tuned simulator", "config.simulator.tune runs on one "
-        "host: tune first with `python -m zerosearch_jax.simulator_sft`, then set "
-        "simulator.model to its hf/ directory and simulator.tune=False")
+        stage_root(c, workdir), "simulator_sft", "the tuned simulator", "config.simulator.tune "
+        "runs on one host: tune first with `python -m zerosearch_jax.simulator_sft`, then set "
+        "simulator.model to its hf/ directory and simulator.tune=False",
+        shared=bool(c.get("stages_dir")))
     if done:
         return hf_dir
     logger.info("tuning the simulator (%s) in %s", c.simulator.model, sft_dir)
@@ -80,8 +96,9 @@ def warm_up_policy(c: ml_collections.ConfigDict, workdir: str,
     validate_fn(model_config, params) -> metrics: scores the untrained policy first, written
     to `warmup/validation_before.json` (the run's step-0 validation is the warmed-up one)."""
     stage_dir, hf_dir, done = cached(
-        workdir, "warmup", "the warmed-up policy", "config.warmup runs on one host: warm up "
-        "on one host first, then set policy to its warmup/hf directory and warmup.steps=0")
+        stage_root(c, workdir), "warmup", "the warmed-up policy", "config.warmup runs on one "
+        "host: warm up on one host first, then set policy to its warmup/hf directory and "
+        "warmup.steps=0", shared=bool(c.get("stages_dir")))
     if done:
         return hf_dir
     t0 = time.perf_counter()

@@ -234,14 +234,18 @@ TRAINING_ENGINES = {"llm": "simulator", "server": "simulator_server", "bm25": "b
 
 
 def make_training_engine(c: ml_collections.ConfigDict, policy: tuple, tokenizer: Tokenizer,
-                         model: str | None = None) -> search.SearchEngine:
-    """The engine the policy trains against. policy: (config, params) of the frozen reference;
+                         model: str | None = None, policy_path: str | None = None
+                         ) -> search.SearchEngine:
+    """The engine the policy trains against. policy: (config, params) of the frozen reference,
+    loaded from `policy_path` (default `c.policy`; the warmed-up policy after a warm-up);
     model: overrides `simulator.model` (the tuned simulator's directory)."""
     s = c.simulator
     weights = None
     if s.kind == "llm":
         model = model or s.model
-        if model == c.policy:  # the same (frozen, compute-dtype) weights as the reference
+        # The same (frozen, compute-dtype) weights as the reference: only if they are the same
+        # model (after a warm-up, `simulator.model = policy` names the untrained base).
+        if model == (policy_path or c.policy):
             weights = (*policy, tokenizer)
         else:
             weights = (*models.load_pretrained(model, dtype=jnp.dtype(c.compute_dtype)),
@@ -345,7 +349,7 @@ def assemble(c: ml_collections.ConfigDict, workdir: str, settings: Settings,
     val_engine = make_validation_engine(c)
     val_examples = qa.sample(load_examples(c.data.validation, c, tokenizer, rc,
                                            "data.validation"), c.data.validation_size,
-                             seed=c.seed, stratify=c.data.validation_stratify)
+                             seed=c.data.validation_seed, stratify=c.data.validation_stratify)
     # Before any stage: a data problem is found in seconds, not after the warm-up.
     train_examples = load_examples(c.data.train, c, tokenizer, rc, "data.train")
     check(c.prompts_per_step <= len(train_examples), "prompts_per_step", c.prompts_per_step,
@@ -374,7 +378,7 @@ def assemble(c: ml_collections.ConfigDict, workdir: str, settings: Settings,
     # reads it every step).
     ref_params = meshes.train.put(to_compute(params), meshes.train.param_shardings(model_config))
     train_engine = make_training_engine(c, (model_config, ref_params), tokenizer,
-                                        simulator_model)
+                                        simulator_model, initial_policy)
     if isinstance(train_engine, search.LLMSimulator):
         train_engine.place(meshes.simulator)  # its own sub-mesh, or the rollout devices
     fns, state = _learner(c, settings, meshes, model_config, params)
@@ -483,7 +487,7 @@ def loop(run: Run, state, start: int, writer: MetricsWriter, ckpt: hooks.Checkpo
     guard = hooks.NonfiniteGuard(c.max_nonfinite_steps, ckpt.directory, ckpt.manager.latest_step)
     preempted = hooks.Preempted()
     val_metrics: dict[str, float] = {}
-    if start == 0:
+    if start == 0 and c.validation.before_rl:
         val_metrics = run.validate(state)
         writer.write(0, val_metrics, prefix="val/")
         logger.info("validation before training: %s", metrics_lib.summary(val_metrics))
@@ -543,27 +547,29 @@ def finish(run: Run, state, workdir: str, val_metrics: dict[str, float],
 
 def describe_run(c: ml_collections.ConfigDict, workdir: str) -> str:
     """A few lines saying what each stage of this run does and where its outputs go."""
-    stages = []
+    parts = []
+    root = stages.stage_root(c, workdir)
+    reused = " (reused: config.stages_dir)" if c.get("stages_dir") else ""
     if c.warmup.steps:
-        stages.append(f"format warm-up: behaviour cloning of {c.policy} on demonstration "
-                      f"episodes (search with {c.validation.engine}, read, answer), "
-                      f"{c.warmup.steps} steps -> {os.path.join(workdir, 'warmup', 'hf')}")
+        parts.append(f"format warm-up: behaviour cloning of {c.policy} on demonstration "
+                     f"episodes (search with {c.validation.engine}, read, answer), "
+                     f"{c.warmup.steps} steps -> {os.path.join(root, 'warmup', 'hf')}{reused}")
     if c.simulator.kind == "llm" and c.simulator.get("tune"):
         sft = c.simulator.sft
-        stages.append(f"simulator tuning: the policy searches {sft.collect.engine} on "
-                      f"{sft.data.num_questions} questions, the results are labelled useful / "
-                      f"noisy, {c.simulator.model} is fine-tuned on them ({sft.finetune.steps} "
-                      f"steps) and reported -> {os.path.join(workdir, 'simulator_sft', 'hf')}")
+        parts.append(f"simulator tuning: the policy searches {sft.collect.engine} on "
+                     f"{sft.data.num_questions} questions, the results are labelled useful / "
+                     f"noisy, {c.simulator.model} is fine-tuned on them ({sft.finetune.steps} "
+                     f"steps) and reported -> {os.path.join(root, 'simulator_sft', 'hf')}{reused}")
     engine = {"llm": "the tuned simulator" if c.simulator.get("tune") else
               f"the simulator {c.simulator.model}", "server": f"the simulator at "
               f"{c.simulator.url}"}.get(c.simulator.kind, f"the real engine {c.simulator.kind}")
-    stages.append(f"RL: {c.total_steps} {c.algorithm.estimator} steps of {c.prompts_per_step} "
-                  f"questions x {c.rollout.samples_per_prompt} episodes against {engine} "
-                  f"(noise {c.curriculum.start:.2f} -> {c.curriculum.end:.2f}), validated on "
-                  f"{c.data.validation_size} questions with {c.validation.engine} every "
-                  f"{c.validation.every} steps -> metrics.jsonl, plots/, checkpoints/, hf_policy/, "
-                  f"final_validation.json")
-    lines = [f"  stage {i}/{len(stages)} {stage}" for i, stage in enumerate(stages, 1)]
+    parts.append(f"RL: {c.total_steps} {c.algorithm.estimator} steps of {c.prompts_per_step} "
+                 f"questions x {c.rollout.samples_per_prompt} episodes against {engine} "
+                 f"(noise {c.curriculum.start:.2f} -> {c.curriculum.end:.2f}), validated on "
+                 f"{c.data.validation_size} questions with {c.validation.engine} every "
+                 f"{c.validation.every} steps -> metrics.jsonl, plots/, checkpoints/, hf_policy/, "
+                 f"final_validation.json")
+    lines = [f"  stage {i}/{len(parts)} {stage}" for i, stage in enumerate(parts, 1)]
     return "\n".join([f"training run in {workdir} (re-running the command resumes it):", *lines])
 
 

@@ -55,6 +55,9 @@ class UpdateConfig:
     advantage: algo.AdvantageConfig = algo.AdvantageConfig()
     kl_in_reward: bool = False  # PPO: subtract loss.kl_coef * KL from the token rewards.
     temperature: float = 1.0  # the rollout's sampling temperature; log-probs use logits / T.
+    # Train only on the policy's own tokens (the method's loss mask). False is the paper's
+    # ablation: every response token, inserted documents and messages included, is trained on.
+    mask_observations: bool = True
     # Tokens per packed row (several episodes a row, attention kept within each; packing.py):
     # micro_batch_size then counts packed rows. 0: one episode per row of the batch's length.
     pack_length: int = 0
@@ -91,7 +94,10 @@ class UpdateConfig:
         log-probs equal the current ones, so the ratio is 1): the update then takes them from
         its own forward pass, and a KL in the reward reads the rollout's own log-probs (the
         policy's at the sampling temperature), so scoring saves a forward pass."""
-        return self.ppo_epochs > 1 or self.num_minibatches > 1
+        # Without the loss mask the observation tokens are trained on too, and the rollout
+        # recorded no log-probs for them: a KL in the reward needs scoring's.
+        return (self.ppo_epochs > 1 or self.num_minibatches > 1
+                or (self.kl_in_reward and not self.mask_observations))
 
     def plan(self, attention_mask: np.ndarray, seed: int = 0, tokens: np.ndarray | None = None,
              group: np.ndarray | None = None, prompt_length: int = 0) -> packing.Layout:
@@ -202,7 +208,8 @@ def score_batch(config: models.ModelConfig, uc: UpdateConfig, params, ref_params
             config, p, t, None, pos, uc.temperature, dtype=dtype, segment_ids=seg,
             prefix_ids=pre)[0], layout, *seq)
 
-    mask = batch["loss_mask"]
+    mask = batch["loss_mask"] if uc.mask_observations else response_mask(
+        batch["loss_mask"], batch["attention_mask"])
     ref = logp_fn(ref_params if ref_params is not None else params)
     old = logp_fn(params) if uc.needs_old_logprobs else None
     token_kl = jnp.zeros_like(mask)
@@ -222,6 +229,17 @@ def score_batch(config: models.ModelConfig, uc: UpdateConfig, params, ref_params
     return Scored(tokens=batch["tokens"], positions=batch["positions"], loss_mask=mask,
                   ref_logprobs=ref, advantages=adv, returns=ret, token_kl=token_kl,
                   old_logprobs=old, old_values=values)
+
+
+def response_mask(loss_mask: Array, attention_mask: Array) -> Array:
+    """Every real token from each row's first policy token on (observations included):
+    the loss mask of the no-masking ablation. [B, T] -> [B, T] float32; a row without policy
+    tokens gets none."""
+    loss_mask = jnp.asarray(loss_mask)
+    first = jnp.argmax(loss_mask > 0, axis=1)
+    after = jnp.arange(loss_mask.shape[1])[None] >= first[:, None]
+    keep = after & (loss_mask > 0).any(axis=1, keepdims=True)
+    return (keep & jnp.asarray(attention_mask, bool)).astype(jnp.float32)
 
 
 def _loss_token_count(segment: Array, per_episode: Array) -> Array:
