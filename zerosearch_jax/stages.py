@@ -37,21 +37,21 @@ def stage_root(c: ml_collections.ConfigDict, workdir: str) -> str:
     return c.get("stages_dir") or workdir
 
 
-def cached(workdir: str, name: str, what: str, single_host: str,
-           shared: bool = False) -> tuple[str, str, bool]:
+def cached(c: ml_collections.ConfigDict, workdir: str, name: str, what: str,
+           single_host: str) -> tuple[str, str, bool]:
     """(directory, its hf/ export, whether that export is complete) of the stage cached in
-    `<workdir>/<name>`. A stage still to run refuses several processes (it runs on one host)
-    with the `single_host` message, and a `shared` stage directory (`stages_dir`) that lacks
-    it."""
-    stage_dir = os.path.join(workdir, name)
+    `<stage_root>/<name>`. A stage still to run refuses several processes (it runs on one host)
+    with the `single_host` message, and a shared `stages_dir` that lacks it."""
+    root = stage_root(c, workdir)
+    stage_dir = os.path.join(root, name)
     hf_dir = os.path.join(stage_dir, "hf")
     if models.is_exported(hf_dir):
         logger.info("using %s in %s", what, hf_dir)
         return stage_dir, hf_dir, True
-    if shared:
+    if c.get("stages_dir"):
         raise ConfigError(
-            f"config.stages_dir = {workdir!r}: no {what} in {hf_dir}; finish a run there first "
-            f"(python -m zerosearch_jax.train --config=<the same config> --workdir={workdir}), "
+            f"config.stages_dir = {root!r}: no {what} in {hf_dir}; finish a run there first "
+            f"(python -m zerosearch_jax.train --config=<the same config> --workdir={root}), "
             "or leave stages_dir empty to run the stage in this run's workdir")
     if jax.process_count() > 1:
         raise ConfigError(single_host)
@@ -67,10 +67,9 @@ def tune_simulator(c: ml_collections.ConfigDict, workdir: str,
     tuned model's directory.
     """
     sft_dir, hf_dir, done = cached(
-        stage_root(c, workdir), "simulator_sft", "the tuned simulator", "config.simulator.tune "
-        "runs on one host: tune first with `python -m zerosearch_jax.simulator_sft`, then set "
-        "simulator.model to its hf/ directory and simulator.tune=False",
-        shared=bool(c.get("stages_dir")))
+        c, workdir, "simulator_sft", "the tuned simulator", "config.simulator.tune runs on one "
+        "host: tune first with `python -m zerosearch_jax.simulator_sft`, then set "
+        "simulator.model to its hf/ directory and simulator.tune=False")
     if done:
         return hf_dir
     logger.info("tuning the simulator (%s) in %s", c.simulator.model, sft_dir)
@@ -96,9 +95,8 @@ def warm_up_policy(c: ml_collections.ConfigDict, workdir: str,
     validate_fn(model_config, params) -> metrics: scores the untrained policy first, written
     to `warmup/validation_before.json` (the run's step-0 validation is the warmed-up one)."""
     stage_dir, hf_dir, done = cached(
-        stage_root(c, workdir), "warmup", "the warmed-up policy", "config.warmup runs on one "
-        "host: warm up on one host first, then set policy to its warmup/hf directory and "
-        "warmup.steps=0", shared=bool(c.get("stages_dir")))
+        c, workdir, "warmup", "the warmed-up policy", "config.warmup runs on one host: warm up "
+        "on one host first, then set policy to its warmup/hf directory and warmup.steps=0")
     if done:
         return hf_dir
     t0 = time.perf_counter()
