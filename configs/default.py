@@ -152,7 +152,9 @@ def optimizer() -> ml_collections.ConfigDict:
     """AdamW for the actor and the critic."""
     # -- optimizer ------------------------------------------------------------------------------
     o = ml_collections.ConfigDict()
-    o.lr = 5e-6
+    # upstream 1e-6 over ~200 steps; the default's 6 steps move nothing at 5e-6 (KL <= 0.0014)
+    # and collapse at 5e-5 by step 3 (docs/science.md, the learning-rate probe).
+    o.lr = 2e-5
     o.warmup_ratio = 0.0  # upstream: 0.95 (REINFORCE/GRPO), 0.285 (PPO actor).
     o.b1 = 0.9
     o.b2 = 0.999

@@ -12,6 +12,6 @@ from zerosearch_jax.sweep import product
 
 def get_sweep():
     return product(**{
-        "optim.lr": [1e-6, 5e-6],  # the paper's lr, and the default config's
+        "optim.lr": [1e-6, 2e-5],  # the paper's lr, and the default config's
         "algorithm.estimator": ["grpo", "reinforce"],  # GRPO's group baseline vs none
     })
