@@ -119,7 +119,7 @@ class HTTPClient:
         """Remove secrets from a message before it is logged or returned."""
         return message
 
-    def _request(self, method: str, url: str, parse: Callable[[Any], T], **kwargs: Any) -> T:
+    def request(self, method: str, url: str, parse: Callable[[Any], T], **kwargs: Any) -> T:
         """Send with retries; return `parse(json)` or raise `SearchBackendError`."""
         attempts = 1 + self.retry.max_retries
         last_error = ""
@@ -226,7 +226,7 @@ class SearchR1RetrieverClient(HTTPSearchEngine):
         start = time.perf_counter()
         payload = {"queries": queries, "topk": self.topk, "return_scores": True}
         try:
-            batch = self._request(
+            batch = self.request(
                 "POST", self.url, lambda r: _parse_searchr1(r, len(queries)), json=payload
             )
         except SearchBackendError as e:
@@ -300,7 +300,7 @@ class ZeroSearchWikiClient(PerQueryHTTPEngine):
         self.url = check_url(url)
 
     def _request_one(self, query: str) -> tuple[tuple[str, ...], dict]:
-        texts = self._request(
+        texts = self.request(
             "POST", self.url, _parse_wiki, json={"query": query, "top_k": self.topk}
         )
         texts = texts[: self.topk]
@@ -353,7 +353,7 @@ class SerpAPIClient(PerQueryHTTPEngine):
 
     def _request_one(self, query: str) -> tuple[tuple[str, ...], dict]:
         params = {"engine": "google", "q": query, "num": self.topk, "api_key": self._api_key}
-        response = self._request("GET", self.base_url, _parse_serpapi, params=params)
+        response = self.request("GET", self.base_url, _parse_serpapi, params=params)
         organic = response.get("organic_results", [])[: self.topk]
         documents = tuple(
             format_snippet_doc(i, r.get("title", ""), r.get("snippet", ""))

@@ -363,7 +363,7 @@ class SimulatorServerClient(_SimulatorMixin, HTTPSearchEngine):
                 "messages": [{"role": "system", "content": ""},
                              {"role": "user", "content": prompt}]}
         try:
-            raw = self._request("POST", self.url, parse_chat, json=body, headers=self._headers)
+            raw = self.request("POST", self.url, parse_chat, json=body, headers=self._headers)
         except SearchBackendError as e:
             return self._failed([prompt], str(e), time.perf_counter() - start)[0]
         return self._result(raw, useful, prompt, time.perf_counter() - start)

@@ -270,7 +270,7 @@ class OpenAIJudge:
         body = {"model": self.model, "temperature": 0.0, "max_tokens": 4,
                 "messages": [{"role": "user", "content": prompt}]}
         try:
-            reply = self._http._request("POST", self.url, parse_chat, json=body,
+            reply = self._http.request("POST", self.url, parse_chat, json=body,
                                         headers=self._headers)
         except SearchBackendError as e:
             self.failures += 1
