@@ -95,7 +95,7 @@ def test_example_sweep_file_validates_against_the_default_config():
     points = sweep.make_points(sweep.load_sweep(
         os.path.join(ROOT, "configs", "sweeps", "default_lr_estimator.py")))
     assert [p.name for p in points] == ["lr=1e-06,estimator=grpo", "lr=1e-06,estimator=reinforce",
-                                        "lr=5e-06,estimator=grpo", "lr=5e-06,estimator=reinforce"]
+                                        "lr=2e-05,estimator=grpo", "lr=2e-05,estimator=reinforce"]
     sweep.validate(DEFAULT, points, [])
 
 
