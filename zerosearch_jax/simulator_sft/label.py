@@ -271,7 +271,7 @@ class OpenAIJudge:
                 "messages": [{"role": "user", "content": prompt}]}
         try:
             reply = self._http.request("POST", self.url, parse_chat, json=body,
-                                        headers=self._headers)
+                                       headers=self._headers)
         except SearchBackendError as e:
             self.failures += 1
             logger.warning("llm judge failed for pair %s: %s", pair.id, e)
