@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.label.topk = 5  # documents per target (the prompt asks for five).
     c.label.doc_words = 24  # words per document snippet (the prompt says about 30).
     c.label.balance = True  # as many useful as noisy examples.
+    # containment: useful snippets start at the answer; noisy ones are the same pages with the
+    # answer's sentences removed (hard negatives: the query's own entity, no answer).
+    c.label.answer_focus = False  # no gain measured yet: docs/simulator_sft.md
     c.label.heldout_fraction = 0.1  # questions kept out of tuning, for the quality report.
 
     # -- fine-tuning -----------------------------------------------------------------------------

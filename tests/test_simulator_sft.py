@@ -1,5 +1,6 @@
 """Simulator tuning: JSONL logs, labelling, collection (resume, call cap), SFT, report, pipeline."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -93,6 +94,29 @@ def test_containment_judge_builds_useful_and_noisy_examples_from_one_call():
     assert useful["prompt"] == USEFUL_PROMPT.format(
         question="What is the capital of Vropika?", gold_answer="Faezhalo",
         query="capital of Vropika")
+
+
+def test_answer_focus_keeps_the_answer_in_useful_snippets_and_makes_hard_negatives():
+    page = ("Vropika is a country in the north. It has many rivers and old bridges. Its capital "
+            "is Faezhalo, a port. The economy depends on wool.")
+    docs = [f"Doc 1: {page}"] + [f"Doc {i}: Unrelated text number {i}." for i in range(2, 8)]
+    plain = label_lib.LabelConfig(judge="containment", doc_words=8, balance=False)
+    focus = dataclasses.replace(plain, answer_focus=True)
+    # The query-focused snippet of the page stops before the answer: no useful example.
+    assert [e["label"] for e in label_lib.label_pairs([_pair(docs)], plain)] == ["noisy"]
+    by_label = {e["label"]: e for e in label_lib.label_pairs([_pair(docs)], focus)}
+    # Useful: the page's snippet starts at the answer's sentence instead.
+    assert by_label["useful"]["target"].splitlines()[0] == \
+        "Doc 1: Its capital is Faezhalo, a port. The economy"
+    # Noisy: the same page, first, with the answer's sentence removed (a hard negative).
+    noisy = by_label["noisy"]["target"].splitlines()
+    assert noisy[0] == "Doc 1: Vropika is a country in the north. It"
+    assert noisy[1:] == [f"Doc {i}: Unrelated text number {i}." for i in range(2, 6)]
+    assert not any(label_lib.contains_answer(d, ["Faezhalo"]) for d in noisy)
+    # A page made only of answer sentences leaves nothing answer-free.
+    assert label_lib.answerless_snippet("Faezhalo is the capital.", "capital", ["Faezhalo"],
+                                        8) == ""
+    assert label_lib.answer_snippet("No answer here.", ["Faezhalo"], 8) == ""
 
 
 def test_calls_with_too_few_documents_are_dropped_and_balance_needs_both_classes():

@@ -9,7 +9,11 @@ query, and the real engine's documents (docs/method.md §8). Three judges:
   normalized answer as a word sequence). The call's top-k becomes a useful example when one of
   them contains an answer; its highest-ranked documents that contain none become a noisy
   example. Retrieving deeper than top-k at collection time gives noisy examples enough
-  documents.
+  documents. With `answer_focus` the snippets are cut around the answer instead. A useful
+  target's document whose query-focused snippet misses its page's answer starts at the
+  answer's sentence, and the documents holding an answer come first. A noisy target keeps the
+  ranked pages with their answer-bearing sentences removed, so the query's own pages become
+  hard negatives (the entity, its other facts, no answer).
 - `llm`: an LLM behind an OpenAI-compatible endpoint answers "do these documents contain enough
   information to answer the question?" (what the authors' released data used).
 
@@ -125,13 +129,37 @@ def document_text(doc: str) -> str:
 def snippet(text: str, query: str, max_words: int) -> str:
     """About `max_words` words of `text`: from the sentence sharing most words with the query
     (ties: the earliest), continuing into the following sentences, cut at `max_words`."""
-    sentences = [s for s in _SENTENCE_END.split(text.strip()) if s]
-    if not sentences:
+    sents = sentences(text)
+    if not sents:
         return ""
     q = set(normalize_answer(query).split())
-    overlap = [len(q & set(normalize_answer(s).split())) for s in sentences]
-    words = " ".join(sentences[int(np.argmax(overlap)):]).split()
+    overlap = [len(q & set(normalize_answer(s).split())) for s in sents]
+    words = " ".join(sents[int(np.argmax(overlap)):]).split()
     return " ".join(words[:max_words])
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of `text` (split after `.`, `!`, `?`)."""
+    return [s for s in _SENTENCE_END.split(text.strip()) if s]
+
+
+def answer_snippet(text: str, golden_answers: Sequence[str], max_words: int) -> str:
+    """About `max_words` words of `text` from its first sentence holding a gold answer, on into
+    the following ones; "" when no sentence holds one."""
+    sents = sentences(text)
+    for i, s in enumerate(sents):
+        if contains_answer(s, golden_answers):
+            return " ".join(" ".join(sents[i:]).split()[:max_words])
+    return ""
+
+
+def answerless_snippet(text: str, query: str, golden_answers: Sequence[str],
+                       max_words: int) -> str:
+    """`snippet` of `text` with every sentence holding a gold answer removed: a page about the
+    query's entity that does not answer it; "" when nothing answer-free is left."""
+    kept = " ".join(s for s in sentences(text) if not contains_answer(s, golden_answers))
+    out = snippet(kept, query, max_words)
+    return "" if contains_answer(out, golden_answers) else out
 
 
 def contains_answer(text: str, golden_answers: Sequence[str]) -> bool:
@@ -156,6 +184,8 @@ class LabelConfig:
     topk: int = 5  # documents per target (the simulator writes five).
     doc_words: int = 30  # words per document snippet.
     balance: bool = True  # down-sample the larger class to the smaller one's size.
+    # containment: cut useful snippets at the answer, noisy ones around it (module docstring).
+    answer_focus: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -204,6 +234,21 @@ def label_pairs(pairs: Sequence[Pair], config: LabelConfig,
                                  "the containment or llm judge")
             (useful if pair.correct else noisy).append(
                 make_example(pair, pair.correct, top, "trajectory"))
+        elif config.judge == "containment" and config.answer_focus:
+            texts = [document_text(d) for d in pair.documents]
+            w, answers = config.doc_words, pair.golden_answers
+            focused = [s if contains_answer(s, answers) else answer_snippet(t, answers, w) or s
+                       for s, t in ((snippet(t, pair.query, w), t) for t in texts)]
+            focused = [s for s in focused if s][:config.topk]
+            if any(contains_answer(s, answers) for s in focused):
+                # The answer's documents first (stable): Doc 1 always answers, the one place a
+                # briefly tuned model reliably writes, and the first the policy reads.
+                focused.sort(key=lambda s: not contains_answer(s, answers))
+                useful.append(make_example(pair, True, focused, "containment"))
+            misses = [answerless_snippet(t, pair.query, answers, w) for t in texts]
+            misses = [s for s in misses if s][:config.topk]
+            if len(misses) == config.topk:
+                noisy.append(make_example(pair, False, misses, "containment"))
         elif config.judge == "containment":
             hits = [contains_answer(s, pair.golden_answers) for s in snips]
             if any(hits[:config.topk]):
