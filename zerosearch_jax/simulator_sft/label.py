@@ -220,8 +220,9 @@ def label_pairs(pairs: Sequence[Pair], config: LabelConfig,
         raise ValueError("the llm judge needs an endpoint (label.judge_url)")
     useful, noisy = [], []
     for pair in pairs:
-        snips = [snippet(document_text(d), pair.query, config.doc_words) for d in pair.documents]
-        snips = [s for s in snips if s]
+        texts = [document_text(d) for d in pair.documents]
+        raw = [snippet(t, pair.query, config.doc_words) for t in texts]  # aligned with texts
+        snips = [s for s in raw if s]
         if len(snips) < config.topk:  # targets teach the format: always `topk` documents
             continue
         top = snips[:config.topk]
@@ -235,10 +236,9 @@ def label_pairs(pairs: Sequence[Pair], config: LabelConfig,
             (useful if pair.correct else noisy).append(
                 make_example(pair, pair.correct, top, "trajectory"))
         elif config.judge == "containment" and config.answer_focus:
-            texts = [document_text(d) for d in pair.documents]
             w, answers = config.doc_words, pair.golden_answers
             focused = [s if contains_answer(s, answers) else answer_snippet(t, answers, w) or s
-                       for s, t in ((snippet(t, pair.query, w), t) for t in texts)]
+                       for s, t in zip(raw, texts, strict=True)]
             focused = [s for s in focused if s][:config.topk]
             if any(contains_answer(s, answers) for s in focused):
                 # The answer's documents first (stable): Doc 1 always answers, the one place a
