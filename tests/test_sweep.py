@@ -311,3 +311,27 @@ def test_end_to_end_sweep_of_tiny_runs(tmp_path, smollm2_tokenizer):
     with open(root / sweep.SUMMARY_CSV) as f:
         assert [r["point"] for r in csv.DictReader(f)] == [r["point"] for r in rows]
     assert sweep.markdown_table(rows) in proc.stdout
+
+
+def test_finished_points_drop_their_checkpoints_when_asked(tmp_path, capsys):
+    # A stand-in interpreter writing a checkpoint; it fails for one point, whose checkpoint
+    # must stay (a re-run resumes from it).
+    fake = tmp_path / "python"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    "for a in \"$@\"; do case $a in --workdir=*) w=${a#--workdir=};; esac; done\n"
+                    "mkdir -p \"$w/checkpoints/3\"\n"
+                    "head -c 4096 /dev/zero > \"$w/checkpoints/3/x\"\n"
+                    "case \"$*\" in *optim.lr=2e-06*) exit 3;; esac\n"
+                    "echo '{\"f1\": 0.5}' > \"$w/final_validation.json\"\n")
+    fake.chmod(0o755)
+    points = sweep.make_points([{"optim.lr": 1e-6}, {"optim.lr": 2e-6}])
+    kept, dropped = tmp_path / "kept", tmp_path / "dropped"
+    sweep.run_sweep(DEFAULT, points, [], kept, python=str(fake), poll_s=0.01)
+    status = sweep.run_sweep(DEFAULT, points, [], dropped, python=str(fake), poll_s=0.01,
+                             keep_checkpoints=False)
+    assert status == {"lr=1e-06": "done", "lr=2e-06": "failed (exit 3)"}
+    assert (kept / "lr=1e-06" / "checkpoints" / "3" / "x").exists()
+    assert not (dropped / "lr=1e-06" / "checkpoints").exists()
+    assert (dropped / "lr=1e-06" / sweep.FINAL_FILE).exists()
+    assert (dropped / "lr=2e-06" / "checkpoints" / "3" / "x").exists()
+    assert "lr=1e-06: removed checkpoints/" in capsys.readouterr().out

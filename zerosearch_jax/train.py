@@ -488,8 +488,10 @@ def loop(run: Run, state, start: int, writer: MetricsWriter, ckpt: hooks.Checkpo
     preempted = hooks.Preempted()
     val_metrics: dict[str, float] = {}
     if start == 0 and c.validation.before_rl:
+        t0 = time.perf_counter()
         val_metrics = run.validate(state)
-        writer.write(0, val_metrics, prefix="val/")
+        writer.write(0, {**{f"val/{k}": v for k, v in val_metrics.items()},
+                         "time/validation_s": time.perf_counter() - t0})
         logger.info("validation before training: %s", metrics_lib.summary(val_metrics))
     bar = tqdm(range(start, total), initial=start, total=total, desc="train",
                disable=jax.process_index() != 0, dynamic_ncols=True)
@@ -503,8 +505,10 @@ def loop(run: Run, state, start: int, writer: MetricsWriter, ckpt: hooks.Checkpo
         guard.observe(step + 1, update_metrics["nonfinite"])
         done = step + 1
         if done % c.validation.every == 0 or done == total:
+            t2 = time.perf_counter()
             val_metrics = run.validate(state)
             metrics.update({f"val/{k}": v for k, v in val_metrics.items()})
+            metrics["time/validation_s"] = time.perf_counter() - t2
         writer.write(done, metrics)
         bar.set_postfix(f1=f"{metrics['reward/f1']:.3f}", p=f"{p_noise:.2f}",
                         kl=f"{update_metrics.get('kl_loss', 0.0):.4f}")
