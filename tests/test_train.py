@@ -65,6 +65,13 @@ def test_sigkill_resume_matches_uninterrupted_run(policy_dir, tmp_path):
     assert final["f1_lo"] <= final["f1"] <= final["f1_hi"]
     assert any(k.endswith("/f1_hi") for k in final) and any(k.endswith("/searches")
                                                              for k in final)
+    # The validations' episodes, one line a question, scored as the metrics say.
+    for step in (0, 4):
+        traces = [json.loads(line) for line in open(full / "validation" / f"step_{step:06d}.jsonl")]
+        assert traces and {"question", "golden_answers", "response", "answer", "f1",
+                           "searches"} <= set(traces[0])
+        f1 = rows[-1]["val/f1"] if step == 4 else rows[0]["val/f1"]
+        assert abs(sum(t["f1"] for t in traces) / len(traces) - f1) < 1e-6
 
     # Same run, killed with SIGKILL once the step-2 checkpoint exists, then restarted.
     killed = tmp_path / "killed"

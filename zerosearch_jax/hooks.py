@@ -5,7 +5,8 @@ non-finite guard and the step's metrics, each a small piece the driver calls.
     guard = NonfiniteGuard(max_steps)                      # guard.observe(step, n_skipped)
     preempted = Preempted()                                # SIGTERM -> stop at the step's end
     metrics = across_processes(local)                      # the same numbers on every process
-    scores = validate(config, params, tokenizer, examples, engine, rollout_config, seed)
+    scores = validate(config, params, tokenizer, examples, engine, rollout_config, seed,
+                      trace_path=...)                # episodes as JSONL too, when given
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import orbax.checkpoint as ocp
 
 from zerosearch_jax import agent, checkpoints, metrics, sampling, search, sharding
 from zerosearch_jax.data.iterator import DataIterator
+from zerosearch_jax.data.jsonl import write_jsonl_atomic
 
 logger = logging.getLogger("zerosearch_jax.train")
 
@@ -105,19 +107,25 @@ def across_processes(local: dict[str, float]) -> dict[str, float]:
 
 def validate(config, params, tokenizer, examples, engine: search.SearchEngine,
              rollout_config: agent.RolloutConfig, seed: int,
-             placement: sharding.Placement | None = None) -> dict[str, float]:
+             placement: sharding.Placement | None = None,
+             trace_path: str | None = None) -> dict[str, float]:
     """Greedy episodes on the validation questions: EM / cover EM / F1 and searches per
     question, overall and per source, with the 95% bootstrap interval of each F1 (`f1_lo`,
     `f1_hi`: the questions resampled).
 
     With several processes each one rolls out every process_count-th question (params on its
     `placement`) and the per-question scores are gathered, so all return the same numbers.
+    With `trace_path`, each episode (question, gold, the whole response with its inserted
+    documents, the answer, F1, searches) is written there as JSONL, atomically; with several
+    processes each writes its own questions to `<trace_path>.p<process index>`.
     """
     rc = dataclasses.replace(rollout_config, samples_per_prompt=1)
     n_proc, me = jax.process_count(), jax.process_index()
     mine = examples[me::n_proc]
     _, stats = agent.rollout(config, params, tokenizer, mine, engine, rollout_config=rc,
                              sampler=sampling.Greedy(), rng=seed, placement=placement)
+    if trace_path is not None:
+        write_traces(trace_path if n_proc == 1 else f"{trace_path}.p{me}", mine, stats)
     scores = np.stack([stats.f1, stats.em, stats.cover_em, stats.searches]).astype(np.float64)
     if n_proc > 1:
         padded = np.full((len(scores), -(-len(examples) // n_proc)), np.nan)
@@ -137,3 +145,13 @@ def validate(config, params, tokenizer, examples, engine: search.SearchEngine,
         out[f"{src}/cover_em"] = float(cover_em[sel].mean())
         out[f"{src}/searches"] = float(searches[sel].mean())
     return out
+
+
+def write_traces(path: str, examples, stats: agent.EpisodeStats) -> None:
+    """One JSON line per validation episode, replacing `path` atomically."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write_jsonl_atomic(path, ({
+        "id": e.id, "data_source": e.data_source, "question": e.question,
+        "golden_answers": list(e.golden_answers), "answer": stats.answers[i],
+        "f1": float(stats.f1[i]), "searches": int(stats.searches[i]),
+        "response": stats.responses[i]} for i, e in enumerate(examples)))

@@ -10,7 +10,8 @@ question, score them (old / reference log-probs, values, advantages) and update.
 `<workdir>/metrics.jsonl` and TensorBoard; plots to `<workdir>/plots/`; checkpoints (orbax) to
 `<workdir>/checkpoints/`: every `checkpoint.every` steps, at the end and on SIGTERM, and a run
 started with the same workdir resumes from the latest one. The final policy is exported as a
-Hugging Face directory, `<workdir>/hf_policy`.
+Hugging Face directory, `<workdir>/hf_policy`; each validation's episodes (question, response,
+answer, F1) to `<workdir>/validation/step_<N>.jsonl`.
 """
 
 from __future__ import annotations
@@ -310,6 +311,7 @@ class Run:
     my_questions: slice  # this process's questions of a step (its rows of the global batch)
     batch_size: int
     prompt_length: int = 0  # the rollouts' prompt width: grows to the next bucket if needed
+    workdir: str = ""  # validation episodes go to <workdir>/validation/step_<N>.jsonl
 
     @functools.cached_property
     def rollout_shardings(self) -> Any:
@@ -320,10 +322,18 @@ class Run:
         """A compute-dtype copy of the policy on this process's rollout devices."""
         return self.meshes.rollout.put(self.to_compute(state.params), self.rollout_shardings)
 
-    def validate(self, state) -> dict[str, float]:
+    def validate(self, state, step: int) -> dict[str, float]:
         return hooks.validate(self.model_config, self.rollout_params(state), self.tokenizer,
                               self.val_examples, self.val_engine, self.settings.rollout,
-                              self.c.seed, self.meshes.rollout)
+                              self.c.seed, self.meshes.rollout,
+                              trace_path=validation_traces(self.workdir, step))
+
+
+def validation_traces(workdir: str, step: int | str) -> str:
+    """Where a validation's episodes go: `<workdir>/validation/step_000006.jsonl` (or
+    `untrained.jsonl`, the policy before the warm-up)."""
+    name = step if isinstance(step, str) else f"step_{step:06d}"
+    return os.path.join(workdir, "validation", f"{name}.jsonl")
 
 
 def assemble(c: ml_collections.ConfigDict, workdir: str, settings: Settings,
@@ -363,7 +373,8 @@ def assemble(c: ml_collections.ConfigDict, workdir: str, settings: Settings,
     if c.warmup.steps:
         def validate_untrained(config, params):
             return hooks.validate(config, to_compute(params), tokenizer, val_examples,
-                                  val_engine, rc, c.seed)
+                                  val_engine, rc, c.seed,
+                                  trace_path=validation_traces(workdir, "untrained"))
 
         initial_policy = stages.warm_up_policy(c, workdir, rc, tokenizer, val_engine,
                                                validate_untrained)
@@ -386,7 +397,7 @@ def assemble(c: ml_collections.ConfigDict, workdir: str, settings: Settings,
                DataIterator(train_examples, seed=c.seed),
                choose_rollout(c, train_engine, tokenizer, meshes.rollout, train_examples),
                train_engine, val_engine, val_examples, to_compute,
-               slice(row_start // n, row_stop // n), batch_size)
+               slice(row_start // n, row_stop // n), batch_size, workdir=workdir)
 
 
 def _learner(c: ml_collections.ConfigDict, settings: Settings, meshes: sharding.Meshes,
@@ -489,7 +500,7 @@ def loop(run: Run, state, start: int, writer: MetricsWriter, ckpt: hooks.Checkpo
     val_metrics: dict[str, float] = {}
     if start == 0 and c.validation.before_rl:
         t0 = time.perf_counter()
-        val_metrics = run.validate(state)
+        val_metrics = run.validate(state, 0)
         writer.write(0, {**{f"val/{k}": v for k, v in val_metrics.items()},
                          "time/validation_s": time.perf_counter() - t0})
         logger.info("validation before training: %s", metrics_lib.summary(val_metrics))
@@ -506,7 +517,7 @@ def loop(run: Run, state, start: int, writer: MetricsWriter, ckpt: hooks.Checkpo
         done = step + 1
         if done % c.validation.every == 0 or done == total:
             t2 = time.perf_counter()
-            val_metrics = run.validate(state)
+            val_metrics = run.validate(state, done)
             metrics.update({f"val/{k}": v for k, v in val_metrics.items()})
             metrics["time/validation_s"] = time.perf_counter() - t2
         writer.write(done, metrics)
