@@ -119,6 +119,16 @@ def test_two_processes_match_one_process(policy_dir, tmp_path):
         for k in keys:
             np.testing.assert_allclose(ra[k], rb[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
+    # Each process wrote its own questions' validation episodes; together they are the single
+    # process's.
+    def episodes(paths):
+        return sorted((t["id"], t["f1"], t["response"]) for p in paths
+                      for t in map(json.loads, open(p)))
+    for step in ("000000", "000002"):
+        parts = sorted(multi.glob(f"validation/step_{step}.p*.jsonl"))
+        assert [p.name for p in parts] == [f"step_{step}.p0.jsonl", f"step_{step}.p1.jsonl"]
+        assert episodes(parts) == episodes([single / "validation" / f"step_{step}.jsonl"])
+
     # The checkpoint both processes wrote is one checkpoint, equal to the single process's.
     (step_a, meta_a, state_a), (step_b, meta_b, state_b) = _restore(multi), _restore(single)
     assert step_a == step_b == 2 and meta_a == meta_b

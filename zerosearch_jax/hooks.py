@@ -117,7 +117,7 @@ def validate(config, params, tokenizer, examples, engine: search.SearchEngine,
     `placement`) and the per-question scores are gathered, so all return the same numbers.
     With `trace_path`, each episode (question, gold, the whole response with its inserted
     documents, the answer, F1, searches) is written there as JSONL, atomically; with several
-    processes each writes its own questions to `<trace_path>.p<process index>`.
+    processes each writes its own questions (`step_000006.p1.jsonl` for process 1).
     """
     rc = dataclasses.replace(rollout_config, samples_per_prompt=1)
     n_proc, me = jax.process_count(), jax.process_index()
@@ -125,7 +125,8 @@ def validate(config, params, tokenizer, examples, engine: search.SearchEngine,
     _, stats = agent.rollout(config, params, tokenizer, mine, engine, rollout_config=rc,
                              sampler=sampling.Greedy(), rng=seed, placement=placement)
     if trace_path is not None:
-        write_traces(trace_path if n_proc == 1 else f"{trace_path}.p{me}", mine, stats)
+        root, ext = os.path.splitext(trace_path)
+        write_traces(trace_path if n_proc == 1 else f"{root}.p{me}{ext}", mine, stats)
     scores = np.stack([stats.f1, stats.em, stats.cover_em, stats.searches]).astype(np.float64)
     if n_proc > 1:
         padded = np.full((len(scores), -(-len(examples) // n_proc)), np.nan)
