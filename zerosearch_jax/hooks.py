@@ -6,7 +6,7 @@ non-finite guard and the step's metrics, each a small piece the driver calls.
     preempted = Preempted()                                # SIGTERM -> stop at the step's end
     metrics = across_processes(local)                      # the same numbers on every process
     scores = validate(config, params, tokenizer, examples, engine, rollout_config, seed,
-                      trace_path=...)                # episodes as JSONL too, when given
+                      trace_path=path)               # and each episode as a JSONL line
 """
 
 from __future__ import annotations
