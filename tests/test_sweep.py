@@ -111,6 +111,15 @@ def test_the_ablation_sweep_validates_and_changes_one_thing_a_row():
     sweep.validate(DEFAULT, points, extra)
 
 
+def test_the_learning_rate_sweep_validates_with_its_shared_stage_flags():
+    points = sweep.make_points(sweep.load_sweep(
+        os.path.join(ROOT, "configs", "sweeps", "learning_rate.py")))
+    assert [p.name for p in points] == ["lr=1e-05,seed=0", "lr=1e-05,seed=1"]
+    extra = ["--config.stages_dir=runs/default", "--config.validation.before_rl=False"]
+    sweep.check_extra_flags(extra, points)
+    sweep.validate(DEFAULT, points, extra)
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation: before anything is launched
 # ----------------------------------------------------------------------------------------------
