@@ -154,7 +154,7 @@ def optimizer() -> ml_collections.ConfigDict:
     o = ml_collections.ConfigDict()
     # upstream 1e-6 over ~200 steps; the default's 6 steps move nothing at 5e-6 (KL <= 0.0014)
     # and collapse at 5e-5 by step 3; at 2e-5 the outcome depends on the seed (seed 0 +0.016,
-    # seed 1 -0.156 against the warm-up; docs/science.md).
+    # seed 1 -0.156 against the warm-up), at 1e-5 too (-0.078, -0.016; docs/science.md).
     o.lr = 2e-5
     o.warmup_ratio = 0.0  # upstream: 0.95 (REINFORCE/GRPO), 0.285 (PPO actor).
     o.b1 = 0.9
