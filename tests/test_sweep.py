@@ -99,25 +99,27 @@ def test_example_sweep_file_validates_against_the_default_config():
     sweep.validate(DEFAULT, points, [])
 
 
+def _shared_stage_sweep(name):
+    """The points of configs/sweeps/<name>, validated with the shared-stage flags their
+    commands use (docs/science.md)."""
+    points = sweep.make_points(sweep.load_sweep(os.path.join(ROOT, "configs", "sweeps", name)))
+    extra = ["--config.stages_dir=runs/default", "--config.validation.before_rl=False"]
+    sweep.check_extra_flags(extra, points)
+    sweep.validate(DEFAULT, points, extra)
+    return points
+
+
 def test_the_ablation_sweep_validates_and_changes_one_thing_a_row():
     """configs/sweeps/ablations.py: every row valid with the shared-stage flags of its command
     (docs/science.md), each row one change from the default, seed 0's rows first."""
-    points = sweep.make_points(sweep.load_sweep(
-        os.path.join(ROOT, "configs", "sweeps", "ablations.py")))
+    points = _shared_stage_sweep("ablations.py")
     assert len(points) == 16 and points[0].name == "seed=0" and points[8].name == "seed=1"
     assert [p.overrides["seed"] for p in points] == [0] * 8 + [1] * 8
-    extra = ["--config.stages_dir=runs/default", "--config.validation.before_rl=False"]
-    sweep.check_extra_flags(extra, points)
-    sweep.validate(DEFAULT, points, extra)
 
 
 def test_the_learning_rate_sweep_validates_with_its_shared_stage_flags():
-    points = sweep.make_points(sweep.load_sweep(
-        os.path.join(ROOT, "configs", "sweeps", "learning_rate.py")))
+    points = _shared_stage_sweep("learning_rate.py")
     assert [p.name for p in points] == ["lr=1e-05,seed=0", "lr=1e-05,seed=1"]
-    extra = ["--config.stages_dir=runs/default", "--config.validation.before_rl=False"]
-    sweep.check_extra_flags(extra, points)
-    sweep.validate(DEFAULT, points, extra)
 
 
 # ----------------------------------------------------------------------------------------------
