@@ -122,6 +122,13 @@ def test_the_learning_rate_sweep_validates_with_its_shared_stage_flags():
     assert [p.name for p in points] == ["lr=1e-05,seed=0", "lr=1e-05,seed=1"]
 
 
+def test_the_rl_budget_sweep_validates_with_its_shared_stage_flags():
+    points = _shared_stage_sweep("rl_budget.py")
+    assert [p.overrides["seed"] for p in points] == [0, 1]
+    assert all(p.overrides["prompts_per_step"] * p.overrides["total_steps"] == 96
+               for p in points)
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation: before anything is launched
 # ----------------------------------------------------------------------------------------------

@@ -448,7 +448,8 @@ def learner_step(run: Run, state, batch: agent.RolloutBatch, step: int):
     mask, tokens, group = (sharding.allgather(x).reshape(-1, *x.shape[1:]) for x in (
         batch.attention_mask, batch.tokens, batch.group))
     # build_settings checked that pack_length holds the longest possible episode.
-    plan = uc.plan(mask, c.seed * 1_000_003 + step, tokens, group, batch.prompt_length)
+    plan = packing.plan(mask, seed=c.seed * 1_000_003 + step, tokens=tokens, group=group,
+                        prompt_length=batch.prompt_length, **uc.packing_args)
     layout = run.fns.place_layout(plan)
     scored = run.fns.score(state.params, run.ref_params, state.critic_params,
                            run.meshes.train.put_batch(batch_arrays(batch), run.batch_size), layout)

@@ -2,7 +2,7 @@
 
 Host and device meet at three pure functions, each jitted once per run:
 
-- `UpdateConfig.plan` (host, `packing.py`): where each real token of the [B, T] rollout
+- `packing.plan` (host, with `UpdateConfig.packing`): where each real token of the [B, T] rollout
   batch goes in fixed-shape packed micro-batches (several episodes a row, a GRPO group's
   prompt once), and which episodes form each PPO epoch's mini-batches.
 - `score_batch`: old log-probs (the current policy), reference log-probs (the frozen initial
@@ -99,13 +99,12 @@ class UpdateConfig:
         return (self.ppo_epochs > 1 or self.num_minibatches > 1
                 or (self.kl_in_reward and not self.mask_observations))
 
-    def plan(self, attention_mask: np.ndarray, seed: int = 0, tokens: np.ndarray | None = None,
-             group: np.ndarray | None = None, prompt_length: int = 0) -> packing.Layout:
-        """The host packing plan of a batch [B, T] for this update (numpy arrays); with tokens,
-        group and prompt_length a packed row holds a group's prompt once."""
-        return packing.plan(attention_mask, self.micro_batch_size, self.pack_length,
-                            self.num_minibatches, self.ppo_epochs, seed, tokens, group,
-                            prompt_length)
+    @property
+    def packing_args(self) -> dict[str, int]:
+        """This update's arguments to `packing.plan` (rows per micro-batch, row length,
+        mini-batches, epochs): `packing.plan(mask, seed=..., **uc.packing_args)`."""
+        return dict(rows=self.micro_batch_size, row_length=self.pack_length,
+                    num_minibatches=self.num_minibatches, ppo_epochs=self.ppo_epochs)
 
     def check_batch_size(self, batch_size: int) -> None:
         per_mini = batch_size // self.num_minibatches
@@ -406,8 +405,9 @@ def make_train_fns(config: models.ModelConfig, uc: UpdateConfig, actor_opt, crit
         return placement.put(layout, placement.shardings(packing.LAYOUT_AXES, layout))
 
     def plan(attention_mask, seed: int = 0, **shared) -> packing.Layout:
-        """`uc.plan` of a batch (every process passes the whole batch), placed."""
-        return place_layout(uc.plan(np.asarray(attention_mask), seed, **shared))
+        """The packing plan of a batch (every process passes the whole batch), placed."""
+        return place_layout(packing.plan(np.asarray(attention_mask), seed=seed, **uc.packing_args,
+                                         **shared))
 
     # The scored [B, T] arrays leave split along rows, as `update` takes them.
     score_jit = jax.jit(functools.partial(score_batch, config, uc),
