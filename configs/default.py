@@ -199,13 +199,20 @@ def simulator(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     s.sft = simulator_sft.get_config()
     s.sft.seed = c.get_ref("seed")
     s.sft.data.synthetic_seed = c.data.get_ref("synthetic_seed")  # the same world
-    s.sft.data.num_questions = 96
+    s.sft.data.num_questions = 128
+    # A quarter of them held out: about 32 questions the report asks for both page kinds.
+    s.sft.label.heldout_fraction = 0.25
     s.sft.finetune.steps = 32  # about half a pass over the ~250 balanced examples
     s.sft.finetune.remat = False
-    s.sft.report.num_queries = 8
+    s.sft.report.num_queries = 32
     s.url = ""  # server / searchr1: endpoint.
     s.variant = "finetuned"  # finetuned (SFT prompt) | prompted (one-shot demo).
     s.prime_reply = False  # start the reply with "Doc 1:" (small prompted models).
+    # llm: a noisy page may not complete the gold answer's tokens. The noisy prompt names the
+    # answer too, and the tuned 135M simulator copies it into noisy pages as often as into
+    # useful ones (docs/simulator_sft.md), so without this the noise curriculum changes nothing.
+    s.block_answer = True
+    s.sft.report.block_answer = s.get_ref("block_answer")  # the report measures what RL uses
     s.max_new_tokens = 128  # upstream: 600. The policy sees at most
     # rollout.max_obs_tokens = 128 of a page (documents are cut from the end), so more is waste.
     s.temperature = 0.8

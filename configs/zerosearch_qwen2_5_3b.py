@@ -39,6 +39,7 @@ def get_config(policy="Qwen/Qwen2.5-3B", noise_start=0.0, noise_end=0.25,
     c.simulator.model = "sunhaonlp/SearchSimulation_14B"
     c.simulator.variant = "finetuned"
     c.simulator.prime_reply = False
+    c.simulator.block_answer = False  # upstream's simulator (a server cannot ban sequences)
     c.simulator.max_new_tokens = 600
     c.simulator.temperature = 0.8
     c.curriculum.schedule = "exponential"

@@ -189,6 +189,46 @@ def test_simulator_prompt_assembly_is_one_everywhere(tok):
     assert list(data["tokens"][0, :n]) == prompt.ids(tok, "Hamlet author", context, True)
 
 
+def parrot_simulator(tok, block_answer: bool):
+    """A simulator that writes " Paris" whatever it reads (every token has one embedding, and
+    the head puts the margin on " Paris"), so only `block_answer` keeps it off a noisy page."""
+    config = tiny_config(tok.vocab_size)
+    params = dict(models.init_params(config, 3))
+    E = config.hidden_size
+    rng = np.random.default_rng(0)
+    emb = np.zeros((tok.vocab_size, E), np.float32)
+    emb[:, 0] = 1.0
+    head = rng.normal(0, 0.02, (tok.vocab_size, E)).astype(np.float32)
+    head[tok.encode(" Paris")[0], 0] = 10.0 / np.sqrt(E)
+    params["embedder"] = {"embedding": jax.numpy.asarray(emb)}
+    params["lm_head"] = {"weight": jax.numpy.asarray(head)}
+    layer = dict(params["layer_0"])
+    layer["attn"] = dict(layer["attn"], o_weight=jax.numpy.zeros_like(layer["attn"]["o_weight"]))
+    layer["mlp"] = dict(layer["mlp"], down=jax.numpy.zeros_like(layer["mlp"]["down"]))
+    params["layer_0"] = layer
+    return search.LLMSimulator(config, params, tok, max_new_tokens=16, temperature=0.8,
+                               block_answer=block_answer)
+
+
+@pytest.mark.parametrize("noise", [0.0, 1.0])
+def test_block_answer_keeps_the_answer_off_noisy_pages_on_every_path(tok, noise):
+    """In one program, stepped, and in the text-level host loop: with `block_answer` a noisy
+    page never holds the gold answer (" Paris"), a useful page still does; without it, the
+    parrot writes the answer on both."""
+    policy = scripted_policy(tok)
+    kw = dict(rollout_config=RC, sampler=sampling.Greedy(), rng=0, noise_probability=noise)
+    for block in (False, True):
+        sim = parrot_simulator(tok, block)
+        one = episode.rollout(*policy, tok, _examples(), sim, **kw)
+        _assert_same(one, episode.rollout(*policy, tok, _examples(), sim, stepped=True, **kw))
+        _, host = agent.rollout(*policy, tok, _examples(), sim, **kw)
+        for stats in (one[1], host):
+            calls = [c for row in stats.calls for c in row]
+            assert len(calls) == 4 and all(c.useful == (noise == 0.0) for c in calls)
+            has = ["Paris" in " ".join(c.documents) for c in calls]
+            assert all(has) if (noise == 0.0 or not block) else not any(has), (block, noise)
+
+
 def test_engines_say_whether_they_take_a_noise_probability_and_a_seed(simulator):
     """The trainer sets p_noise and reseeds through these protocols, not `hasattr`."""
     assert isinstance(simulator, search.NoiseControlled)

@@ -72,6 +72,42 @@ def test_partial_tag_does_not_stop():
     assert out["lengths"][0] == 6 and not out["stopped"][0]
 
 
+def test_banned_sequences_are_never_completed():
+    config, params = chain_model(SUCC)
+    # Greedy from 7 runs 8 9 10 11 ...; banning (9, 10) masks 10 after 9, so the row takes the
+    # next best token (every other logit ties at 0: token 0) and follows the chain from there.
+    # A one-token sequence is masked everywhere; a row without sequences is unchanged.
+    out = sampling.generate(config, params, [[7], [7], [7]], max_new_tokens=6,
+                            banned=[[[9, 10]], [[8]], []])
+    np.testing.assert_array_equal(out["tokens"], [[8, 9, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5],
+                                                  [8, 9, 10, 11, 12, 13]])
+    # The prefix alone is allowed, and a sequence whose prefix never occurs bans nothing.
+    out = sampling.generate(config, params, [[7]], max_new_tokens=4, banned=[[[9, 11], [3, 4, 9]]])
+    np.testing.assert_array_equal(out["tokens"], [[8, 9, 10, 11]])
+
+
+def test_banned_sequences_under_sampling():
+    # A uniform model (every logit 0): over many draws the bigram (3, 4) never appears while
+    # 3 and 4 themselves do, and the unbanned row shows the bigram.
+    config, params = chain_model(SUCC, scale=0.0)
+    prompts = [[1]] * 8
+    out = sampling.generate(config, params, prompts, sampling.Temperature(1.0),
+                            max_new_tokens=400, rng=3, banned=[[[3, 4]]] * 4 + [[]] * 4)
+    toks = out["tokens"]
+
+    def bigrams(rows):
+        return sum(int(np.sum((r[:-1] == 3) & (r[1:] == 4))) for r in rows)
+
+    assert bigrams(toks[:4]) == 0 and bigrams(toks[4:]) > 0
+    assert (toks[:4] == 3).sum() > 0 and (toks[:4] == 4).sum() > 0
+
+
+def test_pad_banned_buckets_its_shape():
+    a = sampling.pad_banned([[[5, 6, 7]], []], 4)
+    assert a.shape == (4, 4, 8) and a[0, 0, :4].tolist() == [5, 6, 7, -1] and (a[1:] == -1).all()
+    assert sampling.pad_banned([[list(range(9))] * 5], 1).shape == (1, 8, 16)
+
+
 def test_decode_leaves_generation_in_the_cache():
     """After decode the cache holds prompt + every generated token (stop tag included)."""
     config, params = chain_model(SUCC)

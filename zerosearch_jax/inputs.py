@@ -90,7 +90,8 @@ def make_engine(kind: str, c: ml_collections.ConfigDict, *, topk: int, corpus: s
     "wiki"; a Search-R1 jsonl; an index kept in `index_dir`), `searchr1` / `zerosearch_wiki`
     (HTTP at `url`), `serpapi`; `simulator` (in process; model = (config, params, tokenizer))
     or `simulator_server` (OpenAI-compatible at `url`, serving `server_model`), with the
-    `simulator` config section's variant, temperature, max_new_tokens and prime_reply.
+    `simulator` config section's variant, temperature, max_new_tokens, prime_reply and
+    block_answer (in process only: a server cannot ban token sequences).
     Errors name the config `key` the kind came from.
     """
     try:
@@ -107,11 +108,17 @@ def make_engine(kind: str, c: ml_collections.ConfigDict, *, topk: int, corpus: s
             common = dict(variant=s.variant, topk=topk, temperature=s.temperature,
                           max_new_tokens=s.max_new_tokens, noise_probability=noise_probability,
                           seed=c.seed)
+            block_answer = bool(s.get("block_answer", False))
             if kind == "simulator_server":
+                if block_answer:
+                    raise ConfigError(
+                        "config.simulator.block_answer needs the in-process simulator (kind "
+                        "llm): a chat server cannot ban token sequences; set it to False")
                 return search.make_engine(kind, url=url, model=server_model, **common)
             config, params, tokenizer = model
             return search.make_engine(kind, config=config, params=params, tokenizer=tokenizer,
-                                      prime_reply=s.prime_reply, batch_size=batch_size, **common)
+                                      prime_reply=s.prime_reply, batch_size=batch_size,
+                                      block_answer=block_answer, **common)
     except FileNotFoundError as e:
         raise ConfigError(f"config.{key}: {e}") from None
     raise ConfigError(f"config.{key} = {kind!r}: expected one of "

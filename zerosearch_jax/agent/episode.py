@@ -212,6 +212,9 @@ class EpisodeInputs:
     answer_ids [Q, La], answer_len [Q]       the first gold answer's ids (with a leading space)
     row_keys [B]   one PRNG key per row (derived from the row's global index)
     noise []       the curriculum's p_noise for this step
+    ban_ids [Q, K, La]   what the row's noisy pages may not contain (the simulator's
+                   `block_answer`; `SimulatorPrompt.answer_bans`, cut to La tokens: a page
+                   without the answer's first La tokens lacks the answer), or None
     """
 
     prompt_ids: Array
@@ -222,6 +225,7 @@ class EpisodeInputs:
     answer_len: Array
     row_keys: Array
     noise: Array
+    ban_ids: Array | None = None
 
 
 @flax.struct.dataclass
@@ -436,9 +440,14 @@ def simulate(spec: EpisodeSpec, turn: int, params, turn_tokens: Array, query_sta
             V = spec.simulator.vocab_size
             logits, cache = jax.lax.fori_loop(first, L // C, chunk,
                                               (jnp.zeros((size, V), jnp.float32), cache))
+            banned = None
+            if inputs.ban_ids is not None:  # noisy rows may not write the answer
+                banned = jnp.where(useful[:, None, None], -1,
+                                   jnp.repeat(inputs.ban_ids, spec.samples, 0))[rows_]
             out, _ = sampling.decode(spec.simulator, params, cache, logits, sim_keys[rows_],
                                      sampler=spec.sim_sampler, max_new_tokens=M,
-                                     stop=spec.sim_stop, done=~on, placement=spec.placement)
+                                     stop=spec.sim_stop, done=~on, placement=spec.placement,
+                                     banned=banned)
             tokens = jnp.full((B, M), spec.pad_id, jnp.int32).at[rows_].set(out.tokens)
             return tokens, jnp.zeros((B,), jnp.int32).at[rows_].set(out.lengths)
         return run
@@ -689,11 +698,17 @@ def _prepare(config: models.ModelConfig, tokenizer: Tokenizer, examples, simulat
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
         rng, first_example * n + np.arange(B))
     noise = simulator.noise_probability if noise_probability is None else noise_probability
+    ban_ids = None
+    if simulator.block_answer:
+        ban_ids = np.full((len(examples), 2, La), -1, np.int32)
+        for i, ex in enumerate(examples):
+            for k, seq in enumerate(prompt.answer_bans(tokenizer, ex.golden_answers)):
+                ban_ids[i, k, :min(len(seq), La)] = seq[:La]
     inputs = EpisodeInputs(
         prompt_ids=p_ids, prompt_mask=p_mask, question_ids=qa[0][0],
         question_len=qa[0][1].sum(1).astype(np.int32), answer_ids=qa[1][0],
         answer_len=qa[1][1].sum(1).astype(np.int32), row_keys=row_keys,
-        noise=np.float32(noise))
+        noise=np.float32(noise), ban_ids=ban_ids)
     if placement is not None:
         inputs = jax.tree.map(lambda x: jax.device_put(
             x, placement.batch_sharding(x.ndim) if x.shape[:1] == (B,) else

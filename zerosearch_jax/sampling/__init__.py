@@ -14,6 +14,7 @@ from zerosearch_jax.sampling.loop import (
     decode,
     generate,
     generate_text,
+    pad_banned,
     prefill_and_decode,
 )
 from zerosearch_jax.sampling.methods import SAMPLERS, Greedy, Temperature, TopK, TopP, make_sampler
@@ -21,5 +22,5 @@ from zerosearch_jax.sampling.methods import SAMPLERS, Greedy, Temperature, TopK,
 __all__ = [
     "SAMPLERS", "GenerationOutput", "Greedy", "StopConditions", "Temperature", "TopK", "TopP",
     "bucket_batch", "bucket_length", "decode", "generate", "generate_text", "make_sampler",
-    "prefill_and_decode",
+    "pad_banned", "prefill_and_decode",
 ]

@@ -6,7 +6,9 @@ Device side (pure, jitted once per shape bucket):
   multi-turn rollout can keep one cache across turns. Every row keeps its own RoPE position and
   length; a row stops on an EOS id or when its last tokens complete a stop pattern (e.g.
   `</search>`; the tag's tokens are kept). Finished rows feed masked pad tokens, costing nothing
-  beyond the batch step, and the loop exits as soon as every row is done.
+  beyond the batch step, and the loop exits as soon as every row is done. A row may carry
+  banned token sequences (`banned`) it can never complete (the simulator's noisy pages, which
+  must not state the gold answer).
 
 Host side (`generate`, `generate_text`): tokenization, padding to shape buckets (prompt length
 to the next bucket, batch to 2/4/8 or a multiple of 8) so a run compiles a handful of programs,
@@ -79,6 +81,29 @@ class GenerationOutput:
     stopped: Array
 
 
+def ban_table(banned: Array) -> tuple[Array, Array, Array]:
+    """banned [B, K, L] int32 token sequences, left-aligned, -1 padded (a row of -1: none) ->
+    (prefix [B, K, L-1] each sequence but its last token, right-aligned, -1 = any token;
+    last [B, K] its last token; valid [B, K])."""
+    L = banned.shape[-1]
+    n = jnp.sum(banned >= 0, axis=-1)
+    last = jnp.take_along_axis(banned, jnp.maximum(n - 1, 0)[..., None], axis=-1)[..., 0]
+    src = jnp.arange(L - 1) - (L - n[..., None])  # slot j holds token j - (L - n) of the prefix
+    prefix = jnp.where(src >= 0, jnp.take_along_axis(banned, jnp.clip(src, 0, L - 1), -1), -1)
+    return prefix, last, n > 0
+
+
+def apply_ban(logits: Array, recent: Array, table: tuple[Array, Array, Array]) -> Array:
+    """logits [B, V] with -inf on every token that would complete one of the row's banned
+    sequences after its `recent` [B, W] tokens (W >= L - 1; -1 before the first)."""
+    prefix, last, valid = table
+    w = prefix.shape[-1]
+    tail = recent[:, recent.shape[1] - w:] if w else recent[:, :0]
+    match = valid & jnp.all((prefix == tail[:, None, :]) | (prefix < 0), axis=-1)  # [B, K]
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, jnp.maximum(last, 0)].add(jnp.where(match, -jnp.inf, 0.0))
+
+
 @flax.struct.dataclass
 class _LoopState:
     step: Array  # [] int32
@@ -108,7 +133,7 @@ def decode(config: ModelConfig, params, cache: KVCache, logits: Array, rng: Arra
            sampler, max_new_tokens: int, stop: StopConditions,
            done: Array | None = None,
            kv_length: int | None = None,
-           placement=None) -> tuple[GenerationOutput, KVCache]:
+           placement=None, banned: Array | None = None) -> tuple[GenerationOutput, KVCache]:
     """Samples up to `max_new_tokens` per row from `logits` [B, V] and a primed cache.
 
     done [B] bool marks rows that must not generate (batch padding, finished episodes).
@@ -119,21 +144,28 @@ def decode(config: ModelConfig, params, cache: KVCache, logits: Array, rng: Arra
     a multi-turn caller passes its current fill rounded up so empty slots are not read.
     rng: a key, or [B] keys (one per row).
     placement (static): a `sharding.Placement` whose cache layout the loop keeps.
+    banned: [B, K, L] token sequences (left-aligned, -1 padded) that a row never completes: the
+    last token of one is masked out whenever the row's previous tokens are the rest of it (the
+    sampled log-prob is then the constrained distribution's). Sequences start in the generation
+    (the prompt's tokens are not looked at).
     """
     B = logits.shape[0]
     N = max_new_tokens
     done = jnp.zeros((B,), bool) if done is None else done
+    table = None if banned is None else ban_table(banned)
+    window = max(stop.window, 1 if banned is None else banned.shape[-1] - 1)
     state = _LoopState(
         step=jnp.zeros((), jnp.int32), tokens=jnp.full((B, N), stop.pad_id, jnp.int32),
         logprobs=jnp.zeros((B, N), jnp.float32), done=done, stopped=jnp.zeros((B,), bool),
-        lengths=jnp.zeros((B,), jnp.int32), recent=jnp.full((B, stop.window), -1, jnp.int32),
+        lengths=jnp.zeros((B,), jnp.int32), recent=jnp.full((B, window), -1, jnp.int32),
         logits=logits, cache=cache, rng=rng)
 
     def cond(s: _LoopState):
         return (s.step < N) & ~jnp.all(s.done)
 
     def body(s: _LoopState):
-        token, logprob = _sample(sampler, s.logits, s.rng, s.step)
+        logits = s.logits if table is None else apply_ban(s.logits, s.recent, table)
+        token, logprob = _sample(sampler, logits, s.rng, s.step)
         active = ~s.done
         token = jnp.where(active, token, stop.pad_id)
         logprob = jnp.where(active, logprob, 0.0)
@@ -159,10 +191,10 @@ def decode(config: ModelConfig, params, cache: KVCache, logits: Array, rng: Arra
 def prefill_and_decode(config: ModelConfig, params, prompt_ids: Array, prompt_mask: Array,
                        row_valid: Array, rng: Array, *, sampler, max_new_tokens: int,
                        stop: StopConditions, cache_dtype=None,
-                       placement=None) -> GenerationOutput:
+                       placement=None, banned: Array | None = None) -> GenerationOutput:
     """prompt_ids/prompt_mask [B, P] left-padded; row_valid [B] False for batch padding.
     placement (static): shard the batch and the cache by it (B a multiple of its
-    `batch_shards`)."""
+    `batch_shards`). banned [B, K, L]: as `decode`'s."""
     B, P = prompt_ids.shape
     dtype = cache_dtype or jax.tree.leaves(params)[0].dtype
     cache = init_cache(config, B, P + max_new_tokens, dtype)
@@ -174,7 +206,7 @@ def prefill_and_decode(config: ModelConfig, params, prompt_ids: Array, prompt_ma
     logits, cache = extend(config, params, prompt_ids, prompt_mask, cache, last_only=True)
     out, _ = decode(config, params, cache, logits, rng, sampler=sampler,
                     max_new_tokens=max_new_tokens, stop=stop, done=~row_valid,
-                    placement=placement)
+                    placement=placement, banned=banned)
     return out
 
 
@@ -198,13 +230,16 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], samp
              max_new_tokens: int = 128, stop: StopConditions = StopConditions(),
              rng: Array | int = 0, cache_dtype=None,
              prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
-             placement=None, min_batch: int = 0) -> dict[str, np.ndarray]:
+             placement=None, min_batch: int = 0,
+             banned: Sequence[Sequence[Sequence[int]]] | None = None) -> dict[str, np.ndarray]:
     """Generates from token-id prompts (lists of ids, any lengths).
 
     placement: a `sharding.Placement` to run on (the params already placed on its mesh): the
     batch and the KV cache are split along its batch axes.
     min_batch: pad the batch to at least this many rows, so a caller whose batches vary in size
     (the simulator, called with each turn's searches) runs one compiled program.
+    banned: per prompt, token sequences it must never generate (`decode`); padded to shape
+    buckets (at least 4 sequences of 8 tokens) so calls with other answers reuse the program.
 
     Returns numpy arrays: tokens [B, N] int32, logprobs [B, N] float32, lengths [B] int32,
     stopped [B] bool, for the B prompts given (bucket padding removed).
@@ -230,9 +265,23 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], samp
     out = prefill_and_decode(config, params, ids, mask, row_valid, rng, sampler=sampler,
                              max_new_tokens=max_new_tokens, stop=stop,
                              cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype),
-                             placement=placement)
+                             placement=placement,
+                             banned=None if banned is None else pad_banned(banned, Bp))
     return {name: np.asarray(getattr(out, name))[:B]
             for name in ("tokens", "logprobs", "lengths", "stopped")}
+
+
+def pad_banned(banned: Sequence[Sequence[Sequence[int]]], rows: int) -> np.ndarray:
+    """Per-row banned sequences -> [rows, K, L] int32, -1 padded; K and L are powers of two
+    (at least 4 and 8) so a handful of shapes cover every call. Empty sequences are dropped."""
+    seqs = [[list(q) for q in row if len(q)] for row in banned]
+    K = 1 << max(2, (max((len(r) for r in seqs), default=1) - 1).bit_length())
+    L = 1 << max(3, (max((len(q) for r in seqs for q in r), default=1) - 1).bit_length())
+    out = np.full((rows, K, L), -1, np.int32)
+    for i, row in enumerate(seqs):
+        for k, q in enumerate(row):
+            out[i, k, :len(q)] = q
+    return out
 
 
 def generate_text(config: ModelConfig, params, tokenizer: Tokenizer, prompts: Sequence[str],

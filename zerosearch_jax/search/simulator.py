@@ -194,6 +194,17 @@ class SimulatorPrompt:
             return []
         return tokenizer.encode(" " + value if name in self.spaced else value)
 
+    @staticmethod
+    def answer_bans(tokenizer, golden_answers: Sequence[str]) -> list[list[int]]:
+        """What a noisy page may not contain: the gold answer its prompt names (the first), as
+        token sequences, spelled after a space and at the start of a token (`(1883`). A page
+        can then hold the answer's pieces (a surname, another year) but not the answer."""
+        answer = golden_answers[0].strip() if golden_answers else ""
+        if not answer:
+            return []
+        seqs = [tokenizer.encode(" " + answer), tokenizer.encode(answer)]
+        return [list(q) for i, q in enumerate(seqs) if q and q not in seqs[:i]]
+
     def ids(self, tokenizer, query: str, context: QueryContext, useful: bool) -> list[int]:
         """The whole prompt's ids on the host (queries as text)."""
         values = {"question": context.question, "query": query,
@@ -271,12 +282,15 @@ class LLMSimulator(_SimulatorMixin, SearchEngine):
     format; the text is part of the output). `batch_size`: generation pads every call to at
     least this many rows (a rollout's row count), so the calls of a run, whose number of
     queries varies turn by turn, share one compiled program instead of compiling one per size.
+    `block_answer`: a noisy page never completes the gold answer's tokens
+    (`SimulatorPrompt.answer_bans`): the noisy prompt names the answer too, and a small tuned
+    simulator copies it whichever variant it is asked for (docs/simulator_sft.md).
     """
 
     def __init__(self, config, params, tokenizer, *, variant: str = "finetuned", topk: int = 5,
                  temperature: float = 0.8, max_new_tokens: int = 600,
                  noise_probability: float = 0.0, prime_reply: bool = False, seed: int = 0,
-                 batch_size: int = 0):
+                 batch_size: int = 0, block_answer: bool = False):
         SearchEngine.__init__(self)
         self._init_simulator(variant=variant, topk=topk, noise_probability=noise_probability,
                              seed=seed)
@@ -288,6 +302,7 @@ class LLMSimulator(_SimulatorMixin, SearchEngine):
         self.max_new_tokens = max_new_tokens
         self.prime_reply = prime_reply
         self.batch_size = batch_size
+        self.block_answer = block_answer
         self._sampler = sampling.Temperature(temperature)
         self._stop = sampling.StopConditions.for_tokenizer(tokenizer, [f"Doc {topk + 1}"])
         self.prompt = SimulatorPrompt.make(tokenizer, variant)
@@ -321,12 +336,16 @@ class LLMSimulator(_SimulatorMixin, SearchEngine):
         prefix_ids = self.tokenizer.encode(prefix) if prefix else []
         ids = [self.prompt.ids(self.tokenizer, q, c, u) + prefix_ids
                for q, c, u in zip(queries, contexts, useful, strict=True)]
+        banned = None
+        if self.block_answer:
+            banned = [[] if u else self.prompt.answer_bans(self.tokenizer, c.golden_answers)
+                      for c, u in zip(contexts, useful, strict=True)]
         self._calls += 1
         out = sampling.generate(
             self.config, self.params, ids, self._sampler,
             max_new_tokens=self.max_new_tokens, stop=self._stop,
             rng=jax.random.fold_in(self._key, self._calls), placement=self.placement,
-            min_batch=self.batch_size)
+            min_batch=self.batch_size, banned=banned)
         latency = (time.perf_counter() - start) / len(queries)
         self.generated_tokens += int(out["lengths"].sum())
         return [self._result(prefix + self.tokenizer.decode(row[:n]), u, p, latency)

@@ -202,7 +202,8 @@ def report(c: ml_collections.ConfigDict, heldout: list[dict], hf_dir: str,
         engine = make_engine("simulator", c, topk=topk, model=(config, params, tokenizer),
                              simulator=ml_collections.ConfigDict(dict(
                                  variant=variant, temperature=c.report.temperature,
-                                 max_new_tokens=c.report.max_new_tokens, prime_reply=prime)))
+                                 max_new_tokens=c.report.max_new_tokens, prime_reply=prime,
+                                 block_answer=c.report.get("block_answer", False))))
         rows = report_lib.evaluate_simulator(engine, queries, topk)
         results[name] = report_lib.summarize(rows)
         samples[name] = rows[:2] + rows[len(queries):len(queries) + 2]
