@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.simulator.temperature = 0.8  # upstream sampling temperature of the simulator.
     c.simulator.max_new_tokens = 256  # per simulated result page (upstream: 600).
     c.simulator.prime_reply = True  # start the reply with "Doc 1:" (small prompted models).
+    c.simulator.block_answer = False  # noisy pages may not complete the gold answer's tokens.
 
     # -- generation -----------------------------------------------------------------------------
     c.batch_size = 32  # questions per generation batch (padded to 2/4/8/multiples of 8).

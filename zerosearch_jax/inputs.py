@@ -108,9 +108,8 @@ def make_engine(kind: str, c: ml_collections.ConfigDict, *, topk: int, corpus: s
             common = dict(variant=s.variant, topk=topk, temperature=s.temperature,
                           max_new_tokens=s.max_new_tokens, noise_probability=noise_probability,
                           seed=c.seed)
-            block_answer = bool(s.get("block_answer", False))
             if kind == "simulator_server":
-                if block_answer:
+                if s.block_answer:
                     raise ConfigError(
                         "config.simulator.block_answer needs the in-process simulator (kind "
                         "llm): a chat server cannot ban token sequences; set it to False")
@@ -118,7 +117,7 @@ def make_engine(kind: str, c: ml_collections.ConfigDict, *, topk: int, corpus: s
             config, params, tokenizer = model
             return search.make_engine(kind, config=config, params=params, tokenizer=tokenizer,
                                       prime_reply=s.prime_reply, batch_size=batch_size,
-                                      block_answer=block_answer, **common)
+                                      block_answer=s.block_answer, **common)
     except FileNotFoundError as e:
         raise ConfigError(f"config.{key}: {e}") from None
     raise ConfigError(f"config.{key} = {kind!r}: expected one of "

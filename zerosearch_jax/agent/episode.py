@@ -700,10 +700,9 @@ def _prepare(config: models.ModelConfig, tokenizer: Tokenizer, examples, simulat
     noise = simulator.noise_probability if noise_probability is None else noise_probability
     ban_ids = None
     if simulator.block_answer:
-        ban_ids = np.full((len(examples), 2, La), -1, np.int32)
-        for i, ex in enumerate(examples):
-            for k, seq in enumerate(prompt.answer_bans(tokenizer, ex.golden_answers)):
-                ban_ids[i, k, :min(len(seq), La)] = seq[:La]
+        ban_ids = sampling.pad_banned(
+            [prompt.answer_bans(tokenizer, ex.golden_answers) for ex in examples],
+            len(examples), shape=(2, La))
     inputs = EpisodeInputs(
         prompt_ids=p_ids, prompt_mask=p_mask, question_ids=qa[0][0],
         question_len=qa[0][1].sum(1).astype(np.int32), answer_ids=qa[1][0],

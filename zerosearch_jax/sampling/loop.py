@@ -271,16 +271,20 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], samp
             for name in ("tokens", "logprobs", "lengths", "stopped")}
 
 
-def pad_banned(banned: Sequence[Sequence[Sequence[int]]], rows: int) -> np.ndarray:
-    """Per-row banned sequences -> [rows, K, L] int32, -1 padded; K and L are powers of two
-    (at least 4 and 8) so a handful of shapes cover every call. Empty sequences are dropped."""
+def pad_banned(banned: Sequence[Sequence[Sequence[int]]], rows: int,
+               shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Per-row banned sequences -> [rows, K, L] int32, -1 padded. Empty sequences are dropped.
+    shape: a fixed (K, L) (longer sequences cut to their first L tokens: a text without those
+    lacks the whole sequence too); default: powers of two (at least 4 and 8), so a handful of
+    shapes cover every call."""
     seqs = [[list(q) for q in row if len(q)] for row in banned]
-    K = 1 << max(2, (max((len(r) for r in seqs), default=1) - 1).bit_length())
-    L = 1 << max(3, (max((len(q) for r in seqs for q in r), default=1) - 1).bit_length())
+    K, L = shape or (
+        1 << max(2, (max((len(r) for r in seqs), default=1) - 1).bit_length()),
+        1 << max(3, (max((len(q) for r in seqs for q in r), default=1) - 1).bit_length()))
     out = np.full((rows, K, L), -1, np.int32)
     for i, row in enumerate(seqs):
-        for k, q in enumerate(row):
-            out[i, k, :len(q)] = q
+        for k, q in enumerate(row[:K]):
+            out[i, k, :min(len(q), L)] = q[:L]
     return out
 
 

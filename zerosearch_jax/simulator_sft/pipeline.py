@@ -203,7 +203,7 @@ def report(c: ml_collections.ConfigDict, heldout: list[dict], hf_dir: str,
                              simulator=ml_collections.ConfigDict(dict(
                                  variant=variant, temperature=c.report.temperature,
                                  max_new_tokens=c.report.max_new_tokens, prime_reply=prime,
-                                 block_answer=c.report.get("block_answer", False))))
+                                 block_answer=c.report.block_answer)))
         rows = report_lib.evaluate_simulator(engine, queries, topk)
         results[name] = report_lib.summarize(rows)
         samples[name] = rows[:2] + rows[len(queries):len(queries) + 2]
