@@ -66,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.finetune.remat = True
     c.finetune.pack_length = 0  # tokens per packed row (several examples a row); 0: unpacked.
     c.finetune.micro_batch_size = 0  # rows per forward/backward; 0: batch_size, or 1 packed.
+    # Loss weight of the gold answer's tokens in useful targets (1: plain NLL; see
+    # docs/simulator_sft.md).
+    c.finetune.answer_weight = 1.0
     c.finetune.checkpoint_every = 20
     c.finetune.keep = 2
 

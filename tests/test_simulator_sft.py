@@ -301,6 +301,32 @@ def test_encode_masks_exactly_the_target_and_end_of_turn(tiny):
         finetune_lib.encode(tok, [ex], len(prompt))
 
 
+def test_answer_weight_weighs_exactly_the_answer_tokens_of_useful_targets(tiny):
+    _, _, _, tok = tiny
+    # _examples: even ids useful; every target holds the gold answer "Faezhalo" in each line.
+    examples = _examples(2)
+    plain, _ = finetune_lib.encode(tok, examples, 256)
+    weighted, _ = finetune_lib.encode(tok, examples, 256, answer_weight=5.0)
+    assert examples[0]["label"] == "useful" and examples[1]["label"] == "noisy"
+    # The noisy target is untouched; the useful one changes on its answer tokens only.
+    np.testing.assert_array_equal(weighted["loss_mask"][1], plain["loss_mask"][1])
+    changed = weighted["loss_mask"][0] != plain["loss_mask"][0]
+    assert set(weighted["loss_mask"][0][changed].tolist()) == {5.0}
+    answer = [tok.encode(" Faezhalo"), tok.encode("Faezhalo")]
+    spans = np.zeros(256, bool)
+    ids = weighted["tokens"][0].tolist()
+    for seq in answer:
+        for i in range(256 - len(seq) + 1):
+            if ids[i:i + len(seq)] == seq and plain["loss_mask"][0, i] > 0:
+                spans[i:i + len(seq)] = True
+    # Five documents, each naming the answer once: five spans, and nothing else weighed.
+    assert spans.any() and changed.tolist() == spans.tolist()
+    assert finetune_lib.answer_spans([1, 2, 3, 2, 3], [[2, 3]]).tolist() == [
+        False, True, True, True, True]
+    with pytest.raises(ValueError, match="answer_weight"):
+        finetune_lib.SFTConfig(answer_weight=0.5)
+
+
 def test_sft_loss_is_the_masked_nll_and_tuning_lowers_it(tmp_path, tiny):
     _, config, params, tok = tiny
     data, _ = finetune_lib.encode(tok, _examples(4), 256)

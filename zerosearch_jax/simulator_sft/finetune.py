@@ -50,6 +50,10 @@ class SFTConfig:
     # row of max_length tokens, micro_batch_size rows a micro-batch.
     pack_length: int = 0
     micro_batch_size: int = 0  # 0: batch_size (unpacked) or 1 (packed).
+    # The loss weight of the gold answer's tokens in a useful target (1: the plain mean NLL).
+    # The loss is a weighted mean, so a weight w makes each answer token count as w target
+    # tokens: the one fact a useful page must carry is learnt first (docs/simulator_sft.md).
+    answer_weight: float = 1.0
     checkpoint_every: int = 100
     keep: int = 2
     seed: int = 0
@@ -60,6 +64,8 @@ class SFTConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.answer_weight >= 1.0:
+            raise ValueError(f"answer_weight must be >= 1, got {self.answer_weight}")
         if self.pack_length < 0 or self.micro_batch_size < 0:
             raise ValueError(f"pack_length and micro_batch_size must be >= 0, got "
                              f"{self.pack_length} and {self.micro_batch_size}")
@@ -74,11 +80,27 @@ class SFTConfig:
         return packing.plan(attention_mask, self.rows, self.pack_length)
 
 
-def encode(tokenizer, examples: Sequence[dict], max_length: int) -> tuple[dict, int]:
+def answer_spans(target: Sequence[int], answers: Sequence[Sequence[int]]) -> np.ndarray:
+    """[len(target)] bool: the tokens of every occurrence of one of the `answers` token
+    sequences in `target`."""
+    target = list(target)
+    out = np.zeros(len(target), bool)
+    for seq in answers:
+        L = len(seq)
+        for i in range(len(target) - L + 1):
+            if target[i:i + L] == list(seq):
+                out[i:i + L] = True
+    return out
+
+
+def encode(tokenizer, examples: Sequence[dict], max_length: int,
+           answer_weight: float = 1.0) -> tuple[dict, int]:
     """Right-padded training arrays and the number of examples whose target was cut.
 
     Returns {tokens, attention_mask, positions, loss_mask}: [N, max_length] arrays; loss_mask
-    is 1 on target tokens (and the closing end-of-turn token).
+    is 1 on target tokens (and the closing end-of-turn token), `answer_weight` on the tokens
+    of a useful target's gold answer (the one its prompt names, spelled as
+    `SimulatorPrompt.answer_bans` spells it).
     """
     N, T = len(examples), max_length
     tokens = np.full((N, T), tokenizer.pad_id, np.int32)
@@ -104,6 +126,10 @@ def encode(tokenizer, examples: Sequence[dict], max_length: int) -> tuple[dict, 
         tokens[i, :len(ids)] = ids
         attention[i, :len(ids)] = True
         loss_mask[i, len(prompt):len(ids)] = 1.0
+        if answer_weight != 1.0 and e.get("label") == "useful" and e.get("golden_answers"):
+            spans = answer_spans(target, SimulatorPrompt.answer_bans(tokenizer,
+                                                                     e["golden_answers"]))
+            loss_mask[i, len(prompt):len(ids)][spans] = answer_weight
     positions = np.broadcast_to(np.arange(T, dtype=np.int32), (N, T)).copy()
     return {"tokens": tokens, "attention_mask": attention, "positions": positions,
             "loss_mask": loss_mask}, cut
@@ -122,7 +148,8 @@ def sft_step(config: models.ModelConfig, sc: SFTConfig, optimizer, state: traini
 
     batch: tokens, attention_mask, positions, loss_mask [B, T]; layout: `sc.plan` of its
     attention mask. The gradient is summed over the layout's micro-batches in use (packed or one
-    example a row) and divided once by the step's target-token count, so it does not depend on
+    example a row) and divided once by the step's target-token count (loss_mask's sum: answer
+    tokens count `answer_weight` times), so it does not depend on
     the packing.
     """
     dtype = jnp.dtype(sc.compute_dtype)
@@ -160,7 +187,7 @@ def run_finetune(config: models.ModelConfig, params, tokenizer, examples: Sequen
     `<workdir>/metrics.jsonl`. Returns the tuned parameters."""
     if not examples:
         raise ValueError("no SFT examples to tune on")
-    data, cut = encode(tokenizer, examples, sc.max_length)
+    data, cut = encode(tokenizer, examples, sc.max_length, sc.answer_weight)
     if cut:
         logger.warning("%d of %d targets were cut to fit finetune.max_length=%d", cut,
                        len(examples), sc.max_length)
