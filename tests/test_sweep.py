@@ -129,6 +129,11 @@ def test_the_rl_budget_sweep_validates_with_its_shared_stage_flags():
                for p in points)
 
 
+def test_the_noise_levels_sweep_validates_with_its_shared_stage_flags():
+    points = _shared_stage_sweep("noise_levels.py")
+    assert [p.name for p in points] == ["start=0.25,end=0.75,seed=0", "schedule=constant,seed=0"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation: before anything is launched
 # ----------------------------------------------------------------------------------------------
