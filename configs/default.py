@@ -209,7 +209,7 @@ def simulator(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # in the world's style but with its own facts; the weight makes it copy the answer the prompt
     # names (useful pages holding it 0.32 -> 0.55 on the 64 validation questions,
     # docs/simulator_sft.md). 384 tokens hold every prompt + target whole (at 320 over half the
-    # targets lost their last documents, so the model never saw a page end).
+    # targets lost their last documents, so the model rarely saw a page end).
     s.sft.finetune.answer_weight = 8.0
     s.sft.finetune.max_length = 384
     s.sft.report.num_queries = 32
