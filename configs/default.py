@@ -192,18 +192,24 @@ def simulator(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     s = ml_collections.ConfigDict()
     s.kind = "llm"  # llm (in process) | server (OpenAI-compatible) | bm25 | searchr1
     s.model = "smollm2-135m-instruct"  # llm: the simulator (the base, if tuned).
-    # Tune simulator.model with the simulator-SFT pipeline before RL (after the warm-up, whose
-    # policy does the collecting: BM25 results on the world, labelled, fine-tuned), cached in
-    # <workdir>/simulator_sft; its settings are configs/simulator_sft.py's, sized down here.
+    # Tune simulator.model with the simulator-SFT pipeline before RL (BM25 results on the
+    # world, labelled, fine-tuned; after the warm-up, whose policy collects when
+    # sft.collect.query_sources names it), cached in <workdir>/simulator_sft; its settings are
+    # configs/simulator_sft.py's, sized down here.
     s.tune = True
     s.sft = simulator_sft.get_config()
     s.sft.seed = c.get_ref("seed")
     s.sft.data.synthetic_seed = c.data.get_ref("synthetic_seed")  # the same world
-    s.sft.data.num_questions = 128
-    # 30% of them held out: the report asks for both page kinds on 32 of their queries (32
-    # steps of 4 read 128 examples, fewer than the ~240 left for tuning).
+    # Each question searched as itself, no policy trajectories: the warmed-up policy searches
+    # the question word for word (252 of its 256 collection queries, seed 1), so its
+    # trajectories (2 min of rollouts) only duplicated the question's pairs. The same ~2 min
+    # pays for 16 more tuning steps, and twice the questions for as many examples
+    # (docs/simulator_sft.md#collecting-by-the-question-alone-2026-12-04).
+    s.sft.collect.query_sources = "question"
+    s.sft.data.num_questions = 256
+    # 30% of them held out: the report asks for both page kinds on 32 of their queries.
     s.sft.label.heldout_fraction = 0.3
-    s.sft.finetune.steps = 32  # about half a pass over the ~250 balanced examples
+    s.sft.finetune.steps = 48  # 192 examples: about 0.7 of a pass over the ~270 balanced ones
     s.sft.finetune.remat = False
     # The answer's tokens weigh 8x in useful targets: at 32 steps the tuned model writes pages
     # in the world's style but with its own facts; the weight makes it copy the answer the prompt

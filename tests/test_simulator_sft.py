@@ -476,3 +476,22 @@ def test_simulator_sft_configs_validate(name):
         assert (settings.finetune.lr, settings.finetune.batch_size,
                 settings.finetune.steps) == (1e-6, 2, 1000)
         assert settings.label.judge == "trajectory"
+
+
+def test_collecting_by_the_question_alone_needs_no_policy(tmp_path):
+    """`collect.query_sources="question"` (the default job's) searches each question as itself:
+    no trajectory, so the policy is never loaded (a missing one is no error)."""
+    from zerosearch_jax.simulator_sft import pipeline
+
+    sys.path.insert(0, REPO)
+    from configs import simulator_sft
+
+    c = simulator_sft.get_config()
+    c.collect.query_sources = "question"
+    c.collect.policy = str(tmp_path / "no_such_model")
+    c.data.num_questions = 6
+    pairs = pipeline.collect(c, pipeline.build_settings(c), str(tmp_path), progress=False)
+    records = jsonl.read_jsonl(tmp_path / "collect.jsonl")
+    assert len(records) == 6 and len(pairs) == 6
+    assert all([call["source"] for call in r["calls"]] == ["question"] for r in records)
+    assert [p.query for p in pairs] == [r["question"] for r in records]

@@ -379,7 +379,8 @@ def assemble(c: ml_collections.ConfigDict, workdir: str, settings: Settings,
         initial_policy = stages.warm_up_policy(c, workdir, rc, tokenizer, val_engine,
                                                validate_untrained)
     times["warmup"] = time.perf_counter()
-    # After the warm-up, so the simulator's training pairs come from a policy that searches.
+    # After the warm-up: a collection that runs the policy (simulator.sft.collect.query_sources)
+    # runs the warmed-up one, which searches.
     simulator_model = (stages.tune_simulator(c, workdir, initial_policy)
                        if c.simulator.kind == "llm" and c.simulator.get("tune") else None)
     times["simulator_tuning"] = time.perf_counter()

@@ -84,6 +84,9 @@ def run_collection(config, params, tokenizer, examples: Sequence[QAExample], eng
             sampler=sampling.TopP(0.95, temperature=1.0), progress: bool = True) -> dict:
     """Runs the policy on the examples not yet in `out_path` and appends their records.
 
+    `config`, `params`, `tokenizer` are the policy's; None when `cc.query_sources` lacks
+    "policy" (then each question is searched as itself, and no trajectory is run).
+
     Returns counts: questions (in the log), new_questions, engine_calls (in the log), pairs (ok
     calls with documents in the log), stopped_by_budget.
     """

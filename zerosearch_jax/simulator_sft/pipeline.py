@@ -90,7 +90,8 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) ->
     # The models exist before collection spends time (or paid search calls).
     for key in ("simulator", "collect.policy"):
         name = c.simulator if key == "simulator" else c.collect.policy
-        if key == "collect.policy" and not c.data.num_questions:
+        if key == "collect.policy" and not (c.data.num_questions
+                                            and "policy" in settings.collect.query_sources):
             continue
         try:
             models.resolve_model(name)
@@ -119,15 +120,18 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) ->
 
 def collect(c: ml_collections.ConfigDict, settings: Settings, workdir: str,
             progress: bool) -> list[label_lib.Pair]:
-    """Stage 1: the policy searches the real engine on `data.num_questions` questions
-    (appended to `collect.jsonl`, resumed), plus the pairs of `label.pairs`."""
+    """Stage 1: the real engine's results for `data.num_questions` questions, searched by the
+    policy and/or as the question itself (`collect.query_sources`; appended to
+    `collect.jsonl`, resumed), plus the pairs of `label.pairs`."""
     pairs: list[label_lib.Pair] = []
     collect_path = os.path.join(workdir, "collect.jsonl")
     if c.data.num_questions:
         questions = qa.sample(load_examples(c.data.train, c), c.data.num_questions, seed=c.seed)
-        policy_config, policy_params = models.load_pretrained(c.collect.policy,
-                                                              dtype=jnp.bfloat16)
-        policy_tok = Tokenizer.from_pretrained(c.collect.policy)
+        policy_config = policy_params = policy_tok = None  # the question alone needs no policy
+        if "policy" in settings.collect.query_sources:
+            policy_config, policy_params = models.load_pretrained(c.collect.policy,
+                                                                  dtype=jnp.bfloat16)
+            policy_tok = Tokenizer.from_pretrained(c.collect.policy)
         engine = make_engine(c.collect.engine, c, corpus=c.collect.corpus, url=c.collect.url,
                              topk=c.collect.depth, key="collect.engine")
         stats = collect_lib.run_collection(
