@@ -204,7 +204,7 @@ def simulator(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # the question word for word (252 of its 256 collection queries, seed 1), so its
     # trajectories (2 min of rollouts) only duplicated the question's pairs. The same ~2 min
     # pays for 16 more tuning steps, and twice the questions for as many examples
-    # (docs/simulator_sft.md#collecting-by-the-question-alone-2026-12-04).
+    # (docs/simulator_sft.md#collecting-by-the-question-alone-2026-12-04-night).
     s.sft.collect.query_sources = "question"
     s.sft.data.num_questions = 256
     # 30% of them held out: the report asks for both page kinds on 32 of their queries.
