@@ -57,6 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.engine = "auto"
     c.rollout.temperature = 1.0
     c.rollout.top_p = 0.95
+    # A query the episode already searched gets its earlier documents and coin again (a real
+    # engine answers a repeated query alike). Upstream (False) draws a new coin and page per
+    # call, so the simulator rewards searching the same query twice.
+    c.rollout.reuse_repeated_queries = False
 
     c.warmup = warmup()
     c.simulator = simulator(c)

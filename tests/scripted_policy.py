@@ -34,14 +34,17 @@ def _gt_token(tokenizer) -> int:
     raise RuntimeError("no '>'-initial punctuation token")
 
 
-def script(tokenizer) -> dict[int, int]:
-    """token -> next token."""
+def script(tokenizer, repeat_search: bool = False) -> dict[int, int]:
+    """token -> next token. repeat_search: an observation's last "\\n\\n" leads to the same
+    search again instead of the answer."""
     e = tokenizer.encode
     gt = _gt_token(tokenizer)
     search = [e("\n")[0], e("<")[0], e("search")[0], e(">")[0], e(" capital")[0], e(" </")[0],
               e("search")[0], e(">")[0]]
     answer = [e("\n\n")[0], e(" <")[0], e("answer")[0], gt, e(" Paris")[0], e("</")[0],
               e("answer")[0], gt]
+    if repeat_search:
+        answer = [e("\n\n")[0], e("<")[0]]  # into the search chain
     chain = {}
     for seq in (search, answer):
         for a, b in zip(seq[:-1], seq[1:], strict=True):
@@ -50,12 +53,13 @@ def script(tokenizer) -> dict[int, int]:
     return chain
 
 
-def scripted_policy(tokenizer, margin: float = 10.0, seed: int = 0):
-    """(config, params) of the bigram policy."""
+def scripted_policy(tokenizer, margin: float = 10.0, seed: int = 0,
+                    repeat_search: bool = False):
+    """(config, params) of the bigram policy (`script`'s chain)."""
     V = tokenizer.vocab_size
     config = tiny_config(V)
     params = models.init_params(config, seed)
-    chain = script(tokenizer)
+    chain = script(tokenizer, repeat_search)
     tokens = sorted(set(chain) | set(chain.values()))
     slot = {t: i for i, t in enumerate(tokens)}
     E = config.hidden_size

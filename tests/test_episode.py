@@ -2,6 +2,8 @@
 simulator, checked against the same pieces stepped from the host, the text-level host loop,
 and the episode semantics of a scripted policy (tests/scripted_policy.py)."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -237,3 +239,31 @@ def test_engines_say_whether_they_take_a_noise_probability_and_a_seed(simulator)
         [search.Passage("1", "Paris", "Paris is the capital of France.")], topk=1)
     assert not isinstance(bm25, search.NoiseControlled)
     assert not isinstance(bm25, search.Reseedable)
+
+
+def test_a_repeated_query_gets_its_first_documents_on_every_path(tok, simulator):
+    """`reuse_repeated_queries`: a row that searches "capital" twice reads the same page and
+    coin both times, in one program, stepped and in the host loop; without it the simulator
+    (p_noise 0.5, a new draw per call) writes a new page for the repeat."""
+    policy = scripted_policy(tok, repeat_search=True)
+    reuse = dataclasses.replace(RC, reuse_repeated_queries=True)
+    one, stepped = _both(tok, policy, simulator, sampling.Greedy(), rc=reuse)
+    _assert_same(one, stepped)
+    _, host = agent.rollout(*policy, tok, _examples(), simulator, rollout_config=reuse,
+                            sampler=sampling.Greedy(), rng=0)
+    for stats in (one[1], host):
+        assert [[c.query for c in row] for row in stats.calls] == [["capital"] * 2] * 4
+        for first, again in stats.calls:
+            assert (again.documents, again.useful) == (first.documents, first.useful)
+            assert again.turn == 1 and first.documents
+    batch, stats = one
+    P = batch.prompt_length
+    text = tok.decode(batch.tokens[0, P:][batch.attention_mask[0, P:]])
+    blocks = text.split("<information>")[1:]
+    assert len(blocks) == 2 and blocks[0].split("</information>")[0] == \
+        blocks[1].split("</information>")[0]
+    # Upstream's behaviour (the default): each call is drawn anew.
+    for _, fresh in (_both(tok, policy, simulator, sampling.Greedy())[0],
+                     agent.rollout(*policy, tok, _examples(), simulator, rollout_config=RC,
+                                   sampler=sampling.Greedy(), rng=0)):
+        assert any(again.documents != first.documents for first, again in fresh.calls)

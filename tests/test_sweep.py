@@ -134,6 +134,13 @@ def test_the_noise_levels_sweep_validates_with_its_shared_stage_flags():
     assert [p.name for p in points] == ["start=0.25,end=0.75,seed=0", "schedule=constant,seed=0"]
 
 
+def test_the_repeated_queries_sweep_validates_with_its_shared_stage_flags():
+    points = _shared_stage_sweep("repeated_queries.py")
+    assert [p.overrides["seed"] for p in points] == [0] * 4 + [1] * 4
+    assert [p.overrides.get("rollout.reuse_repeated_queries", False)
+            for p in points[:4]] == [False, True, False, True]
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation: before anything is launched
 # ----------------------------------------------------------------------------------------------

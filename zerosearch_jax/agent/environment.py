@@ -37,7 +37,7 @@ from zerosearch_jax.agent.template import (
     policy_prompt,
 )
 from zerosearch_jax.data.qa import QAExample
-from zerosearch_jax.search.base import QueryContext, SearchEngine
+from zerosearch_jax.search.base import QueryContext, SearchEngine, format_documents
 from zerosearch_jax.tokenizer import Tokenizer
 
 Array = jax.Array
@@ -54,6 +54,10 @@ class RolloutConfig:
     max_prompt_tokens: int = 2048  # longer prompts are rejected with an error.
     max_context_tokens: int = 4096  # an episode whose next turn could pass this ends.
     chat_template: bool = True  # apply the tokenizer's chat template to the prompt.
+    # A query the episode already searched gets that call's documents again instead of a new
+    # call: a real engine answers a repeated query alike, while upstream's simulator flips a
+    # new coin and writes a new page, which rewards searching the same query twice.
+    reuse_repeated_queries: bool = False
 
     def __post_init__(self):
         for name in ("samples_per_prompt", "max_new_tokens", "max_obs_tokens",
@@ -204,17 +208,31 @@ def take_actions(texts: dict[int, str], final: bool, counters: EpisodeCounters) 
 
 
 def search(engine: SearchEngine, actions: TurnActions, rows: Sequence[QAExample], turn: int,
-           counters: EpisodeCounters) -> dict[int, str]:
+           counters: EpisodeCounters, reuse_repeated: bool = False) -> dict[int, str]:
     """Sends the turn's queries to `engine` in one call, each with its row's question and gold
-    answers (`rows[i]`); records every call. -> row -> information block."""
-    contexts = [QueryContext(rows[i].question, rows[i].golden_answers)
-                for i in actions.search_rows]
-    results = engine.search(actions.queries, contexts=contexts)
+    answers (`rows[i]`); records every call. With `reuse_repeated`, a query its row already
+    searched (same text) is answered with that call's documents and coin, not sent.
+    -> row -> information block."""
+    earlier = {}
+    if reuse_repeated:
+        earlier = {k: c for k, i in enumerate(actions.search_rows)
+                   for c in counters.calls[i] if c.ok and c.query == actions.queries[k]}
+    sent = [k for k in range(len(actions.search_rows)) if k not in earlier]
+    results = engine.search([actions.queries[k] for k in sent], contexts=[
+        QueryContext(rows[actions.search_rows[k]].question,
+                     rows[actions.search_rows[k]].golden_answers) for k in sent]) if sent else []
+    answers = dict(zip(sent, results, strict=True))
     observations = {}
-    for i, query, res in zip(actions.search_rows, actions.queries, results, strict=True):
-        observations[i] = information_block(res.text)
-        useful = res.metadata.get("useful")
-        counters.calls[i].append(SearchCall(turn, query, tuple(res.documents), useful, res.ok))
+    for k, (i, query) in enumerate(zip(actions.search_rows, actions.queries, strict=True)):
+        if k in earlier:
+            documents, useful, ok = earlier[k].documents, earlier[k].useful, True
+            text = format_documents(documents)
+        else:
+            res = answers[k]
+            documents, useful, ok = tuple(res.documents), res.metadata.get("useful"), res.ok
+            text = res.text
+        observations[i] = information_block(text)
+        counters.calls[i].append(SearchCall(turn, query, documents, useful, ok))
         counters.useful_calls[i] += useful is True
         counters.noisy_calls[i] += useful is False
     return observations

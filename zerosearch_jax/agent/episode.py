@@ -145,6 +145,7 @@ class EpisodeSpec:
     batch_prompt_length: int  # P of the returned batch (>= prompt_length)
     response_length: int  # R of the returned batch
     placement: Any = None  # sharding.Placement of the rollout (policy and simulator) or None
+    reuse_repeated_queries: bool = False  # RolloutConfig's: a repeated query's old documents
 
     @classmethod
     def make(cls, tokenizer: Tokenizer, policy: models.ModelConfig,
@@ -182,7 +183,8 @@ class EpisodeSpec:
             sim_prompt=SimulatorPrompt.make(tokenizer, variant),
             prompt_length=prompt_length, question_length=question_length,
             answer_length=answer_length, batch_prompt_length=max(P, prompt_length),
-            response_length=R, placement=placement)
+            response_length=R, placement=placement,
+            reuse_repeated_queries=rc.reuse_repeated_queries)
 
     @property
     def cache_length(self) -> int:
@@ -471,6 +473,32 @@ def simulate(spec: EpisodeSpec, turn: int, params, turn_tokens: Array, query_sta
     return tokens, doc_len, useful & searching
 
 
+def query_window(spec: EpisodeSpec, turn_tokens: Array, query_start: Array,
+                 query_len: Array) -> Array:
+    """[B, N] each row's query span of `turn_tokens`, shifted to the front, -1 past its end."""
+    j = jnp.arange(spec.max_new_tokens)
+    query = jnp.take_along_axis(
+        turn_tokens, jnp.clip(query_start[:, None] + j, 0, spec.max_new_tokens - 1), axis=1)
+    return jnp.where(j[None] < query_len[:, None], query, -1)
+
+
+def reuse_repeats(spec: EpisodeSpec, turn_tokens: Array, query_start: Array, query_len: Array,
+                  searching: Array, earlier, docs: Array, doc_len: Array, useful: Array):
+    """Rows `searching` a query (the same tokens) that they searched at an earlier turn get
+    that call's documents and coin (`RolloutConfig.reuse_repeated_queries`).
+
+    earlier: one (turn_tokens, query_start, query_len, called, docs, doc_len, useful) tuple per
+    earlier turn. -> (docs [B, M], doc_len [B], useful [B])."""
+    query = query_window(spec, turn_tokens, query_start, query_len)
+    for e_tokens, e_start, e_len, e_called, e_docs, e_doc_len, e_useful in earlier:
+        same = (searching & e_called & (e_len == query_len)
+                & (query_window(spec, e_tokens, e_start, e_len) == query).all(axis=1))
+        docs = jnp.where(same[:, None], e_docs, docs)
+        doc_len = jnp.where(same, e_doc_len, doc_len)
+        useful = jnp.where(same, e_useful, useful)
+    return docs, doc_len, useful
+
+
 def observe(spec: EpisodeSpec, kind: Array, docs: Array, doc_len: Array):
     """The chunk each row appends after its turn: the information block (searches), the
     invalid-action message, or nothing. -> (ids [B, C], mask [B, C], length [B])."""
@@ -583,6 +611,13 @@ def _episodes(spec: EpisodeSpec, policy_params, sim_params, inputs: EpisodeInput
         searching = kind == SEARCH
         docs, doc_len, useful = piece(simulate, 1)(spec, turn, sim_params, out.tokens, q_start,
                                                    q_len, searching, inputs)
+        if spec.reuse_repeated_queries and turn:
+            earlier = tuple(zip(*(record[k][:turn] for k in ("tokens", "qs", "ql", "called",
+                                                             "docs", "dl", "useful")),
+                                strict=True))
+            docs, doc_len, useful = piece(reuse_repeats)(spec, out.tokens, q_start, q_len,
+                                                         searching, earlier, docs, doc_len,
+                                                         useful)
         chunk, chunk_mask, obs_len = piece(observe)(spec, kind, docs, doc_len)
         observations.append((chunk, chunk_mask, obs_len))
         real_len = real_len + obs_len

@@ -272,7 +272,8 @@ def _observe(loop: _Loop, state: _State, turn: int, actions: TurnActions) -> Non
     observations = dict(actions.observations)
     if actions.queries:
         t0 = time.perf_counter()
-        observations.update(search(loop.engine, actions, loop.rows, turn, state.counters))
+        observations.update(search(loop.engine, actions, loop.rows, turn, state.counters,
+                                   loop.rc.reuse_repeated_queries))
         state.timings["search_s"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
