@@ -379,9 +379,7 @@ def simulator_prompts(spec: EpisodeSpec, turn_tokens: Array, query_start: Array,
     -> (ids [B, L], mask [B, L]) left-padded, L = `spec.sim_prompt_length`."""
     B = turn_tokens.shape[0]
     n = spec.samples
-    j = jnp.arange(spec.max_new_tokens)
-    query = jnp.take_along_axis(
-        turn_tokens, jnp.clip(query_start[:, None] + j, 0, spec.max_new_tokens - 1), axis=1)
+    query = query_window(spec, turn_tokens, query_start, query_len)
     fields = {
         "question": (jnp.repeat(inputs.question_ids, n, 0), jnp.repeat(inputs.question_len, n)),
         "answer": (jnp.repeat(inputs.answer_ids, n, 0), jnp.repeat(inputs.answer_len, n)),
@@ -482,21 +480,26 @@ def query_window(spec: EpisodeSpec, turn_tokens: Array, query_start: Array,
     return jnp.where(j[None] < query_len[:, None], query, -1)
 
 
-def reuse_repeats(spec: EpisodeSpec, turn_tokens: Array, query_start: Array, query_len: Array,
-                  searching: Array, earlier, docs: Array, doc_len: Array, useful: Array):
-    """Rows `searching` a query (the same tokens) that they searched at an earlier turn get
-    that call's documents and coin (`RolloutConfig.reuse_repeated_queries`).
+def repeated_calls(spec: EpisodeSpec, turn_tokens: Array, query_start: Array, query_len: Array,
+                   searching: Array, earlier):
+    """The rows `searching` a query (the same tokens) that they searched at an earlier turn,
+    with that call's documents and coin (`RolloutConfig.reuse_repeated_queries`).
 
     earlier: one (turn_tokens, query_start, query_len, called, docs, doc_len, useful) tuple per
-    earlier turn. -> (docs [B, M], doc_len [B], useful [B])."""
+    earlier turn. -> (hit [B], docs [B, M], doc_len [B], useful [B]), the last three set where
+    `hit`."""
+    B, M = turn_tokens.shape[0], spec.sim_new_tokens
     query = query_window(spec, turn_tokens, query_start, query_len)
+    hit, useful = jnp.zeros((B,), bool), jnp.zeros((B,), bool)
+    docs, doc_len = jnp.full((B, M), spec.pad_id, jnp.int32), jnp.zeros((B,), jnp.int32)
     for e_tokens, e_start, e_len, e_called, e_docs, e_doc_len, e_useful in earlier:
         same = (searching & e_called & (e_len == query_len)
                 & (query_window(spec, e_tokens, e_start, e_len) == query).all(axis=1))
+        hit = hit | same
         docs = jnp.where(same[:, None], e_docs, docs)
         doc_len = jnp.where(same, e_doc_len, doc_len)
         useful = jnp.where(same, e_useful, useful)
-    return docs, doc_len, useful
+    return hit, docs, doc_len, useful
 
 
 def observe(spec: EpisodeSpec, kind: Array, docs: Array, doc_len: Array):
@@ -609,15 +612,21 @@ def _episodes(spec: EpisodeSpec, policy_params, sim_params, inputs: EpisodeInput
         if final:
             break
         searching = kind == SEARCH
-        docs, doc_len, useful = piece(simulate, 1)(spec, turn, sim_params, out.tokens, q_start,
-                                                   q_len, searching, inputs)
+        hit = None
         if spec.reuse_repeated_queries and turn:
             earlier = tuple(zip(*(record[k][:turn] for k in ("tokens", "qs", "ql", "called",
                                                              "docs", "dl", "useful")),
                                 strict=True))
-            docs, doc_len, useful = piece(reuse_repeats)(spec, out.tokens, q_start, q_len,
-                                                         searching, earlier, docs, doc_len,
-                                                         useful)
+            hit, r_docs, r_len, r_useful = piece(repeated_calls)(spec, out.tokens, q_start,
+                                                                 q_len, searching, earlier)
+        # A repeated query is answered from its earlier call: the simulator writes only new ones.
+        docs, doc_len, useful = piece(simulate, 1)(
+            spec, turn, sim_params, out.tokens, q_start, q_len,
+            searching if hit is None else searching & ~hit, inputs)
+        if hit is not None:
+            docs = jnp.where(hit[:, None], r_docs, docs)
+            doc_len = jnp.where(hit, r_len, doc_len)
+            useful = jnp.where(hit, r_useful, useful)
         chunk, chunk_mask, obs_len = piece(observe)(spec, kind, docs, doc_len)
         observations.append((chunk, chunk_mask, obs_len))
         real_len = real_len + obs_len
