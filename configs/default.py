@@ -96,6 +96,9 @@ def warmup() -> ml_collections.ConfigDict:
     w.steps = 10  # behaviour-cloning steps (0: no warm-up); the loss is ~0.06 by step 9.
     w.num_questions = 48  # training questions to demonstrate (those whose visible
     # documents lack a gold answer are dropped).
+    # Share them evenly among the training data's sources (single- and two-hop): the world's
+    # training split is one third two-hop, too few demonstrations of the second search.
+    w.stratify = False
     w.batch_size = 4
     w.lr = 5e-5
     # A step's demonstrations packed several to a row, in rows as long as the RL update's

@@ -133,7 +133,8 @@ def demonstrations(c: ml_collections.ConfigDict, rollout_config: agent.RolloutCo
     """The warm-up's encoded demonstration episodes (`agent.warmup.encode_demonstrations`'s
     arrays) and the counts of kept and dropped questions."""
     questions = qa.sample(load_examples(c.data.train, c, tokenizer, rollout_config,
-                                        "data.train"), c.warmup.num_questions, seed=c.seed)
+                                        "data.train"), c.warmup.num_questions, seed=c.seed,
+                           stratify=c.warmup.get("stratify", False))
     plan = agent.warmup.question_queries
     if c.data.train.startswith("synthetic:"):
         plan = agent.warmup.synthetic_world_queries(
