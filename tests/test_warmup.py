@@ -166,3 +166,23 @@ def test_warm_up_stage_runs_once_and_rl_starts_from_it(tmp_path, smollm2_tokeniz
     proc = subprocess.run([sys.executable, "-m", "zerosearch_jax.train", *flags], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "config.stages_dir" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_stratified_demonstrations_show_the_second_search_as_often_as_one(world_engine,
+                                                                           smollm2_tokenizer):
+    """`warmup.stratify` draws the demonstrated questions evenly from single- and two-hop (the
+    training split is one third two-hop), so half the kept episodes search twice."""
+    from configs import default
+    from zerosearch_jax import stages
+    from zerosearch_jax.train import build_settings
+
+    c = default.get_config()
+    c.warmup.num_questions = 24
+    rollout = build_settings(c).rollout
+    kept = {}
+    for stratify in (False, True):
+        c.warmup.stratify = stratify
+        data, counts = stages.demonstrations(c, rollout, smollm2_tokenizer, world_engine)
+        assert counts["examples"] == 24 and len(data["tokens"]) == counts["kept"]
+        kept[stratify] = counts["kept_multi_search"] / counts["kept"]
+    assert kept[True] >= 0.4 and kept[True] > kept[False] + 0.1, kept

@@ -104,8 +104,9 @@ def build_demonstrations(examples: Sequence[QAExample], engine: SearchEngine, *,
     and keeps the episodes whose documents, as far as `visible` shows them (see
     `visible_documents`), contain a gold answer.
 
-    Returns (demonstrations, counts) with counts of `examples`, `kept`, `no_answer_in_docs`
-    and `failed_searches` (an engine that answered `NO_INFORMATION`).
+    Returns (demonstrations, counts) with counts of `examples`, `kept`, `kept_multi_search`
+    (kept episodes that search more than once: the synthetic world's two-hop plan),
+    `no_answer_in_docs` and `failed_searches` (an engine that answered `NO_INFORMATION`).
     """
     if max_turns < 1:
         raise ValueError(f"a demonstration needs max_turns >= 1 searches, got {max_turns}")
@@ -129,7 +130,9 @@ def build_demonstrations(examples: Sequence[QAExample], engine: SearchEngine, *,
             no_answer += 1
             continue
         demos.append(Demonstration(e, tuple(p), tuple(d), e.golden_answers[0]))
-    counts = {"examples": len(examples), "kept": len(demos), "no_answer_in_docs": no_answer,
+    counts = {"examples": len(examples), "kept": len(demos),
+              "kept_multi_search": sum(len(d.queries) > 1 for d in demos),
+              "no_answer_in_docs": no_answer,
               "failed_searches": sum(failed)}
     return demos, counts
 
