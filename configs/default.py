@@ -99,6 +99,10 @@ def warmup() -> ml_collections.ConfigDict:
     # Share them evenly among the training data's sources (single- and two-hop): the world's
     # training split is one third two-hop, too few demonstrations of the second search.
     w.stratify = False
+    # The fraction of single-hop demonstrations that search a second time, for their answer's
+    # own page (agent/warmup.py, synthetic world only): the second search RL may learn to make
+    # on every question then returns the right page on single-hop questions too.
+    w.reread_single_hop = 0.0
     w.batch_size = 4
     w.lr = 5e-5
     # A step's demonstrations packed several to a row, in rows as long as the RL update's

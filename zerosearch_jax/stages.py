@@ -138,7 +138,8 @@ def demonstrations(c: ml_collections.ConfigDict, rollout_config: agent.RolloutCo
     plan = agent.warmup.question_queries
     if c.data.train.startswith("synthetic:"):
         plan = agent.warmup.synthetic_world_queries(
-            synthetic.build_world(synthetic.WorldConfig(seed=c.data.synthetic_seed)))
+            synthetic.build_world(synthetic.WorldConfig(seed=c.data.synthetic_seed)),
+            reread_single_hop=c.warmup.get("reread_single_hop", 0.0))
     demos, counts = agent.warmup.build_demonstrations(
         questions, engine, max_turns=rollout_config.max_turns, plan=plan,
         visible=agent.warmup.visible_documents(tokenizer, rollout_config.max_obs_tokens))

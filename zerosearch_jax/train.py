@@ -151,6 +151,8 @@ def check_run(c: ml_collections.ConfigDict, settings: Settings) -> None:
         for key in ("num_questions", "batch_size", "micro_batch_size"):
             check(w[key] >= 1, f"warmup.{key}", w[key], ">= 1")
         check(w.lr > 0, "warmup.lr", w.lr, "> 0")
+        reread = w.get("reread_single_hop", 0.0)
+        check(0.0 <= reread <= 1.0, "warmup.reread_single_hop", reread, "in [0, 1]")
         check(rollout.max_turns >= 1, "rollout.max_turns", rollout.max_turns,
               ">= 1 with warmup.steps > 0 (demonstrations search at least once)")
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -77,12 +78,26 @@ def question_queries(example: QAExample) -> list[str]:
     return [example.question.strip()]
 
 
-def synthetic_world_queries(world) -> Callable[[QAExample], list[str]]:
+def synthetic_world_queries(world, reread_single_hop: float = 0.0,
+                            ) -> Callable[[QAExample], list[str]]:
     """For the synthetic world: the question, then for a two-hop question the title of each
-    further supporting passage (the bridge entity the second hop is about)."""
+    further supporting passage (the bridge entity the second hop is about).
+
+    reread_single_hop: the fraction of single-hop questions (a fixed choice per question id)
+    whose plan also searches a second time, for the title of the passage holding the answer
+    (the question's own subject). Why: a policy that learns to search twice (RL does, from a
+    warm-up that shows two-hop plans) otherwise has only seen second queries that name a
+    bridge entity, so on a single-hop question it searches an entity of the first page and
+    answers from that page; this shows the second search that returns the answer's page.
+    """
+    if not 0.0 <= reread_single_hop <= 1.0:
+        raise ValueError(f"reread_single_hop must be in [0, 1], got {reread_single_hop!r}")
+
     def plan(example: QAExample) -> list[str]:
         titles = [p["contents"].split("\n", 1)[0].strip().strip('"')
                   for p in world.supporting_passages(example.id)]
+        if len(titles) == 1 and zlib.crc32(example.id.encode()) % 1000 < reread_single_hop * 1000:
+            return [example.question.strip(), titles[0]]
         return [example.question.strip(), *titles[1:]]
     return plan
 
