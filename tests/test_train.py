@@ -41,6 +41,7 @@ def test_unknown_config_key_fails_before_work(tmp_path):
     ("--config.curriculum.end=1.5", "config.curriculum"),
     ("--config.algorithm.pack_length=512", "algorithm.pack_length"),
     ("--config.warmup.pack_length=512", "warmup.pack_length"),
+    ("--config.warmup.reread_single_hop=1.5", "warmup.reread_single_hop"),
 ])
 def test_bad_config_value_is_named(tmp_path, flag, message):
     proc = _run(["--config=configs/default.py", f"--workdir={tmp_path}", flag], timeout=120)

@@ -71,6 +71,28 @@ def test_max_turns_caps_the_plan(world, world_engine):
         warmup.build_demonstrations(q, world_engine, max_turns=0)
 
 
+def test_rereading_single_hop_searches_the_answer_page_again(world, world_engine):
+    """`reread_single_hop` adds a second search to that fraction of single-hop plans: the
+    title of the one supporting passage, whose page BM25 returns first. The choice is fixed
+    per question; two-hop plans are unchanged."""
+    q = world.questions("train")[:200]
+    plain, half = warmup.synthetic_world_queries(world), warmup.synthetic_world_queries(world,
+                                                                                         0.5)
+    single = [e for e in q if e.data_source == "synthetic_single"]
+    reread = [e for e in single if len(half(e)) == 2]
+    assert 0.3 < len(reread) / len(single) < 0.7
+    assert half(reread[0]) == half(reread[0])  # the same choice on every call
+    assert all(len(plain(e)) == 1 for e in single)
+    assert all(half(e) == plain(e) for e in q if e.data_source == "synthetic_multi")
+    assert all(len(warmup.synthetic_world_queries(world, 1.0)(e)) == 2 for e in single)
+    for e in reread[:5]:
+        title = world.supporting_passages(e.id)[0]["contents"].split("\n", 1)[0].strip('"')
+        assert half(e) == [e.question, title]
+        assert e.golden_answers[0] in world_engine.search([title])[0].text.split("Doc 2")[0]
+    with pytest.raises(ValueError, match="reread_single_hop"):
+        warmup.synthetic_world_queries(world, 1.5)
+
+
 class _FailingEngine(SearchEngine):
     name = "failing"
 
