@@ -141,6 +141,20 @@ def test_the_repeated_queries_sweep_validates_with_its_shared_stage_flags():
             for p in points[:4]] == [False, True, False, True]
 
 
+def test_the_warmup_plans_sweep_validates_with_a_shared_simulator():
+    """configs/sweeps/warmup_plans.py: each point runs its own warm-up and shares only the
+    tuned simulator (the flags of its command)."""
+    points = sweep.make_points(sweep.load_sweep(
+        os.path.join(ROOT, "configs", "sweeps", "warmup_plans.py")))
+    extra = ["--config.simulator.tune=False",
+             "--config.simulator.model=runs/default/simulator_sft/hf"]
+    sweep.check_extra_flags(extra, points)
+    sweep.validate(DEFAULT, points, extra)
+    assert [p.overrides["seed"] for p in points] == [0] * 3 + [1] * 3
+    assert [p.overrides.get("warmup.reread_single_hop", 0.0) for p in points[:3]] == [0, 0, 0.5]
+    assert all(p.overrides.get("warmup.stratify", False) for p in points[1:3])
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation: before anything is launched
 # ----------------------------------------------------------------------------------------------
