@@ -208,6 +208,12 @@ def test_cli_dry_run_prints_the_commands_and_writes_nothing(tmp_path):
                        f"--config={DEFAULT} --config.optim.lr=1e-06 "
                        f"--config.data.train=synthetic:train --workdir={root}/lr=1e-06")
     assert len(runs) == 2 and not root.exists()
+    proc = _cli(f"--config={DEFAULT}", f"--sweep={path}", f"--workdir={root}", "--dry-run",
+                "--only=lr=2e-06")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 point(s) valid" in proc.stdout and "running 1 (--only)" in proc.stdout
+    assert [line.split(":")[0] for line in proc.stdout.splitlines()
+            if line.startswith("run  ")] == ["run  lr=2e-06"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,6 +303,41 @@ def test_done_points_are_skipped(tmp_path):
     status = sweep.run_sweep(DEFAULT, points, [], root, python="/no/such/python", poll_s=0.01)
     assert status == {"lr=1e-06": "skipped", "lr=2e-06": "skipped"}
     assert not (root / "lr=1e-06" / sweep.LOG_FILE).exists()
+
+
+def test_only_runs_the_selected_points_and_keeps_the_rest_pending(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    "for a in \"$@\"; do case $a in --workdir=*) w=${a#--workdir=};; esac; done\n"
+                    "echo '{\"f1\": 0.5}' > \"$w/final_validation.json\"\n")
+    fake.chmod(0o755)
+    rows = [{"algorithm.estimator": e, "seed": s} for s in (0, 1) for e in ("grpo", "reinforce")]
+    points = sweep.make_points(rows)
+    # The short key, as point names spell it, or the whole one; values as the command line.
+    assert sweep.select_points(points, ["seed=0"]) == ["estimator=grpo,seed=0",
+                                                        "estimator=reinforce,seed=0"]
+    assert sweep.select_points(points, ["algorithm.estimator=reinforce", "seed=1"]) == [
+        "estimator=reinforce,seed=1"]
+    root = tmp_path / "root"
+    only = sweep.select_points(points, ["seed=0"])
+    status = sweep.run_sweep(DEFAULT, points, [], root, python=str(fake), poll_s=0.01, only=only)
+    assert status == {"estimator=grpo,seed=0": "done", "estimator=reinforce,seed=0": "done"}
+    assert [r["status"] for r in sweep.summarize(root)] == ["done", "done", "pending", "pending"]
+    # The same sweep without the filter runs what is left and skips what is done.
+    status = sweep.run_sweep(DEFAULT, points, [], root, python=str(fake), poll_s=0.01)
+    assert status == {"estimator=grpo,seed=0": "skipped", "estimator=reinforce,seed=0": "skipped",
+                      "estimator=grpo,seed=1": "done", "estimator=reinforce,seed=1": "done"}
+
+
+@pytest.mark.parametrize("only, message", [
+    (["seed"], "expected <key>=<value>"),
+    (["optim.lr=1e-6"], "'optim.lr' is not a key this sweep varies .swept: algorithm.estimator"),
+    (["seed=7"], "selects no point"),
+])
+def test_only_names_what_it_cannot_select(only, message):
+    points = sweep.make_points([{"algorithm.estimator": "grpo", "seed": s} for s in (0, 1)])
+    with pytest.raises(sweep.SweepError, match=message):
+        sweep.select_points(points, only)
 
 
 def test_a_point_started_with_another_command_is_not_resumed(tmp_path):

@@ -2,7 +2,8 @@
 
     python -m zerosearch_jax.sweep --config=configs/default.py \\
         --sweep=configs/sweeps/default_lr_estimator.py --workdir=runs/sweep \\
-        [--dry-run] [--max_parallel=1] [--nokeep_checkpoints] [-- --config.total_steps=4 ...]
+        [--dry-run] [--max_parallel=1] [--nokeep_checkpoints] [--only=seed=0] \\
+        [-- --config.total_steps=4 ...]
     python -m zerosearch_jax.sweep --summarize --workdir=runs/sweep
 
 A sweep file defines `get_sweep()`, returning a list of override dicts such as
@@ -21,10 +22,12 @@ there) and the resulting config goes through `train.build_settings` (values that
 
 Re-running the same command resumes the sweep: points whose `final_validation.json` exists are
 skipped, and an interrupted point restarts in its own workdir, where train.py resumes from its
-latest checkpoint. A point that fails is reported and the others go on. At the end
-`<workdir>/summary.md` and `summary.csv` hold one row per point (overrides, status, steps, last
-training reward, final validation metrics), and the table is printed; `--summarize` rebuilds
-them from the directories alone, e.g. while a sweep is still running.
+latest checkpoint. `--only=<key>=<value>` (repeatable) runs a part of the sweep, e.g. one seed
+of every row first, and leaves the rest pending in the plan and the summary. A point that
+fails is reported and the others go on. At the end `<workdir>/summary.md` and `summary.csv`
+hold one row per point (overrides, status, steps, last training reward, final validation
+metrics), and the table is printed; `--summarize` rebuilds them from the directories alone,
+e.g. while a sweep is still running.
 
 Files: `<workdir>/sweep.json` (the plan: config, sweep file, extra overrides, the points) and
 `<workdir>/<point>/sweep_point.json` (the point's overrides, its command, its exit code).
@@ -178,6 +181,32 @@ def check_extra_flags(extra: Sequence[str], points: Sequence[Point]) -> None:
                              f"drop it or remove the key from the sweep")
 
 
+def select_points(points: Sequence[Point], only: Sequence[str]) -> list[str]:
+    """Names of the points whose overrides match every `key=value` filter of `only`.
+
+    `key` is a swept config key, whole (`algorithm.estimator`) or by its last component
+    (`estimator`, as point names spell it); `value` is compared with the override's command-line
+    text (`flag_value`). `--only=seed=0` runs one seed of every row of a sweep first; the other
+    points stay in the plan (and the summary, as pending) for a later run without the filter.
+    """
+    swept = list(dict.fromkeys(k for p in points for k in p.overrides))
+    selected = [p.name for p in points]
+    for text in only:
+        key, sep, value = text.partition("=")
+        matches = [k for k in swept if key in (k, k.rsplit(".", 1)[-1])]
+        if not sep or not key:
+            raise SweepError(f"--only={text}: expected <key>=<value>, e.g. --only=seed=0")
+        if len(matches) != 1:
+            why = "names several keys" if matches else "is not a key this sweep varies"
+            raise SweepError(f"--only={text}: {key!r} {why} (swept: {', '.join(swept)})")
+        keep = {p.name for p in points if matches[0] in p.overrides
+                and flag_value(p.overrides[matches[0]]) == value}
+        selected = [n for n in selected if n in keep]
+    if not selected:
+        raise SweepError(f"--only {' '.join(only)} selects no point of the sweep")
+    return selected
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation: ml_collections' parser, then train.build_settings.
 # ----------------------------------------------------------------------------------------------
@@ -276,8 +305,11 @@ def _check_resumable(root: Path, points: Sequence[Point], commands: Mapping[str,
 def run_sweep(config_path: str, points: Sequence[Point], extra: Sequence[str], root: str | Path,
               *, sweep_path: str = "", max_parallel: int = 1, dry_run: bool = False,
               keep_checkpoints: bool = True, python: str = sys.executable,
-              poll_s: float = 0.5) -> dict[str, str]:
+              poll_s: float = 0.5, only: Sequence[str] | None = None) -> dict[str, str]:
     """Runs the points not done yet, `max_parallel` at a time; returns {point: status}.
+
+    `only` (point names, from `select_points`) restricts what runs; the plan keeps every point,
+    so the summary lists the others as pending and a later run without it finishes them.
 
     Statuses: done, skipped (done before), failed (exit N), interrupted. With
     `keep_checkpoints=False` a point that finished has its `checkpoints/` removed (about 3 GB
@@ -291,8 +323,9 @@ def run_sweep(config_path: str, points: Sequence[Point], extra: Sequence[str], r
     commands = {p.name: train_command(config_path, p, extra, root / p.name, python)
                 for p in points}
     _check_resumable(root, points, commands)
-    todo = [p for p in points if not (root / p.name / FINAL_FILE).exists()]
-    status = {p.name: "skipped" for p in points if p not in todo}
+    chosen = [p for p in points if only is None or p.name in only]
+    todo = [p for p in chosen if not (root / p.name / FINAL_FILE).exists()]
+    status = {p.name: "skipped" for p in chosen if p not in todo}
     for name in status:
         print(f"skip {name}: {FINAL_FILE} exists")
     if dry_run:
@@ -504,6 +537,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     flags.DEFINE_alias("dry-run", "dry_run")
     flags.DEFINE_integer("max_parallel", 1, "points run at the same time")
     flags.DEFINE_bool("summarize", False, "only rebuild summary.md / summary.csv")
+    flags.DEFINE_multi_string("only", [], "run only the points whose overrides match "
+                              "<key>=<value> (repeatable), e.g. --only=seed=0; the plan and "
+                              "summary keep every point")
     flags.DEFINE_bool("keep_checkpoints", True,
                       "keep each finished point's checkpoints/ (False: remove them once the "
                       "point is done; its metrics, plots and hf_policy/ stay)")
@@ -522,13 +558,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                     raise SweepError(f"--max_parallel must be >= 1, got {FLAGS.max_parallel}")
                 points = make_points(load_sweep(FLAGS.sweep))
                 check_extra_flags(extra, points)
+                only = select_points(points, FLAGS.only) if FLAGS.only else None
                 validate(FLAGS.config, points, extra)
-                print(f"{len(points)} point(s) valid; workdir {FLAGS.workdir}", flush=True)
+                print(f"{len(points)} point(s) valid; workdir {FLAGS.workdir}"
+                      + (f"; running {len(only)} (--only)" if only else ""), flush=True)
                 try:
                     status = run_sweep(FLAGS.config, points, extra, FLAGS.workdir,
                                        sweep_path=FLAGS.sweep, max_parallel=FLAGS.max_parallel,
                                        dry_run=FLAGS.dry_run,
-                                       keep_checkpoints=FLAGS.keep_checkpoints)
+                                       keep_checkpoints=FLAGS.keep_checkpoints, only=only)
                 except KeyboardInterrupt:
                     print(write_summary(FLAGS.workdir, summarize(FLAGS.workdir)))
                     print("interrupted; the same command resumes the sweep", file=sys.stderr)

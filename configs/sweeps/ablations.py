@@ -11,7 +11,8 @@ step-0 validation, so a row costs only its RL:
         --sweep=configs/sweeps/ablations.py --workdir=runs/ablations -- \\
         --config.stages_dir=runs/default --config.validation.before_rl=False
 
-The sweep resumes: re-running the command runs the rows not yet done.
+The sweep resumes: re-running the command runs the rows not yet done. To run it in parts,
+add `--only=seed=0` (one seed of every row), then drop it for the rest.
 """
 
 ROWS = (
