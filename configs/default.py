@@ -44,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # -- rollout --------------------------------------------------------------------------------
     c.prompts_per_step = 4  # questions per RL step (upstream: 64).
+    # Write each RL step's episodes (question, response, reward, queries and coins, GRPO group)
+    # to <workdir>/train_traces/step_<N>.jsonl: what RL was rewarded for, episode by episode.
+    c.train_traces = False
     c.rollout = ml_collections.ConfigDict()
     c.rollout.samples_per_prompt = 4  # rollouts per question (upstream: 5).
     c.rollout.max_turns = 2  # searches before the final answer turn.

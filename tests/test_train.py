@@ -57,7 +57,7 @@ def _final_params(workdir):
 
 def test_sigkill_resume_matches_uninterrupted_run(policy_dir, tmp_path):
     full = tmp_path / "full"
-    proc = _run(tiny_run_flags(policy_dir, full, steps=4))
+    proc = _run([*tiny_run_flags(policy_dir, full, steps=4), "--config.train_traces=True"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in open(full / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
@@ -73,6 +73,18 @@ def test_sigkill_resume_matches_uninterrupted_run(policy_dir, tmp_path):
                            "searches"} <= set(traces[0])
         f1 = rows[-1]["val/f1"] if step == 4 else rows[0]["val/f1"]
         assert abs(sum(t["f1"] for t in traces) / len(traces) - f1) < 1e-6
+    # With train_traces, each RL step's episodes: the rewards the step's metrics average, the
+    # GRPO groups in episode order, each search call's query and coin.
+    for row in rows[1:]:
+        traces = [json.loads(line) for line in
+                  open(full / "train_traces" / f"step_{row['step']:06d}.jsonl")]
+        assert abs(np.mean([t["f1"] for t in traces]) - row["reward/f1"]) < 1e-6
+        groups = [t["group"] for t in traces]
+        assert groups == sorted(groups) and len(set(groups)) < len(groups)
+        assert all(len({t["question"] for t in traces if t["group"] == g}) == 1 for g in groups)
+        assert abs(np.mean([len(t["calls"]) for t in traces]) - row["episode/engine_calls"]) < 1e-6
+        assert all(c["useful"] in (True, False) for t in traces for c in t["calls"])
+        assert {t["noise_probability"] for t in traces} == {row["curriculum/noise_probability"]}
 
     # Same run, killed with SIGKILL once the step-2 checkpoint exists, then restarted.
     killed = tmp_path / "killed"

@@ -148,11 +148,20 @@ def validate(config, params, tokenizer, examples, engine: search.SearchEngine,
     return out
 
 
-def write_traces(path: str, examples, stats: agent.EpisodeStats) -> None:
-    """One JSON line per validation episode, replacing `path` atomically."""
+def write_traces(path: str, examples, stats: agent.EpisodeStats, **columns) -> None:
+    """One JSON line per episode, replacing `path` atomically: the question, the answer, F1,
+    searches, each engine call's query and coin (`useful`: None for a real engine), the whole
+    response. examples[i] is episode i's question; `columns` adds per-episode values (name ->
+    [B] sequence of numbers), e.g. a training step's GRPO `group`."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    write_jsonl_atomic(path, ({
-        "id": e.id, "data_source": e.data_source, "question": e.question,
-        "golden_answers": list(e.golden_answers), "answer": stats.answers[i],
-        "f1": float(stats.f1[i]), "searches": int(stats.searches[i]),
-        "response": stats.responses[i]} for i, e in enumerate(examples)))
+
+    def row(i, e):
+        out = {"id": e.id, "data_source": e.data_source, "question": e.question,
+               "golden_answers": list(e.golden_answers), "answer": stats.answers[i],
+               "f1": float(stats.f1[i]), "searches": int(stats.searches[i])}
+        if stats.calls:
+            out["calls"] = [{"query": c.query, "useful": c.useful} for c in stats.calls[i]]
+        out.update({k: np.asarray(v[i]).item() for k, v in columns.items()})
+        return out | {"response": stats.responses[i]}
+
+    write_jsonl_atomic(path, (row(i, e) for i, e in enumerate(examples)))

@@ -338,6 +338,13 @@ def validation_traces(workdir: str, step: int | str) -> str:
     return os.path.join(workdir, "validation", f"{name}.jsonl")
 
 
+def train_traces(workdir: str, step: int) -> str:
+    """Where RL step `step`'s episodes go with `train_traces`: `<workdir>/train_traces/
+    step_000001.jsonl` (`.p<i>` before `.jsonl` for process i > 0 of several)."""
+    name = f"step_{step:06d}" + (f".p{jax.process_index()}" if jax.process_count() > 1 else "")
+    return os.path.join(workdir, "train_traces", f"{name}.jsonl")
+
+
 def assemble(c: ml_collections.ConfigDict, workdir: str, settings: Settings,
              times: dict[str, float]) -> Run:
     """The run's parts: meshes, data, engines, the stages before RL (cached), the policy, its
@@ -437,6 +444,11 @@ def rollout_step(run: Run, state, step: int) -> tuple[agent.RolloutBatch, Any, f
         rng=jax.random.fold_in(jax.random.key(c.seed), step), noise_probability=p_noise,
         batch_lengths=(run.prompt_length, response_width(rc)), placement=run.meshes.rollout,
         first_example=run.my_questions.start)
+    if c.train_traces:  # the episodes RL learns from, for reading what a step rewarded
+        n = rc.samples_per_prompt
+        mine = [q for q in questions[run.my_questions] for _ in range(n)]  # episode order
+        hooks.write_traces(train_traces(run.workdir, step + 1), mine, stats, group=batch.group,
+                           noise_probability=np.full(len(mine), p_noise))
     return batch, stats, p_noise
 
 
