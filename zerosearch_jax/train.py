@@ -11,7 +11,8 @@ question, score them (old / reference log-probs, values, advantages) and update.
 `<workdir>/checkpoints/`: every `checkpoint.every` steps, at the end and on SIGTERM, and a run
 started with the same workdir resumes from the latest one. The final policy is exported as a
 Hugging Face directory, `<workdir>/hf_policy`; each validation's episodes (question, response,
-answer, F1) to `<workdir>/validation/step_<N>.jsonl`.
+answer, F1) to `<workdir>/validation/step_<N>.jsonl`; with `train_traces`, each RL step's
+episodes (with their GRPO group and coins) to `<workdir>/train_traces/step_<N>.jsonl`.
 """
 
 from __future__ import annotations
