@@ -125,8 +125,7 @@ def validate(config, params, tokenizer, examples, engine: search.SearchEngine,
     _, stats = agent.rollout(config, params, tokenizer, mine, engine, rollout_config=rc,
                              sampler=sampling.Greedy(), rng=seed, placement=placement)
     if trace_path is not None:
-        root, ext = os.path.splitext(trace_path)
-        write_traces(trace_path if n_proc == 1 else f"{root}.p{me}{ext}", mine, stats)
+        write_traces(process_path(trace_path), mine, stats)
     scores = np.stack([stats.f1, stats.em, stats.cover_em, stats.searches]).astype(np.float64)
     if n_proc > 1:
         padded = np.full((len(scores), -(-len(examples) // n_proc)), np.nan)
@@ -146,6 +145,15 @@ def validate(config, params, tokenizer, examples, engine: search.SearchEngine,
         out[f"{src}/cover_em"] = float(cover_em[sel].mean())
         out[f"{src}/searches"] = float(searches[sel].mean())
     return out
+
+
+def process_path(path: str) -> str:
+    """`path` for this process: unchanged with one process, `step_000006.p1.jsonl` for process
+    1 of several (each writes the episodes it rolled out)."""
+    if jax.process_count() == 1:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.p{jax.process_index()}{ext}"
 
 
 def write_traces(path: str, examples, stats: agent.EpisodeStats, **columns) -> None:

@@ -193,9 +193,9 @@ def select_points(points: Sequence[Point], only: Sequence[str]) -> list[str]:
     selected = [p.name for p in points]
     for text in only:
         key, sep, value = text.partition("=")
-        matches = [k for k in swept if key in (k, k.rsplit(".", 1)[-1])]
         if not sep or not key:
             raise SweepError(f"--only={text}: expected <key>=<value>, e.g. --only=seed=0")
+        matches = [k for k in swept if key in (k, k.rsplit(".", 1)[-1])]
         if len(matches) != 1:
             why = "names several keys" if matches else "is not a key this sweep varies"
             raise SweepError(f"--only={text}: {key!r} {why} (swept: {', '.join(swept)})")

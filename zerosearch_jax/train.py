@@ -341,9 +341,8 @@ def validation_traces(workdir: str, step: int | str) -> str:
 
 def train_traces(workdir: str, step: int) -> str:
     """Where RL step `step`'s episodes go with `train_traces`: `<workdir>/train_traces/
-    step_000001.jsonl` (`.p<i>` before `.jsonl` for process i > 0 of several)."""
-    name = f"step_{step:06d}" + (f".p{jax.process_index()}" if jax.process_count() > 1 else "")
-    return os.path.join(workdir, "train_traces", f"{name}.jsonl")
+    step_000001.jsonl` (`.p<i>` before `.jsonl` for process i of several)."""
+    return hooks.process_path(os.path.join(workdir, "train_traces", f"step_{step:06d}.jsonl"))
 
 
 def assemble(c: ml_collections.ConfigDict, workdir: str, settings: Settings,
