@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.validation_size = 64
     c.data.validation_stratify = True
     c.data.validation_seed = 0  # the sample's seed: the same questions for every run seed.
+    # RL batches drawn evenly from the training sources (half single-hop, half two-hop in the
+    # synthetic world, whose training split is one third two-hop); False: uniformly.
+    c.data.train_stratify = False
     c.data.on_error = "skip"  # malformed rows: skip (logged) or raise.
 
     # -- rollout --------------------------------------------------------------------------------

@@ -6,6 +6,13 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One persistent XLA compilation cache for the session, shared by the xdist workers and the
+# training subprocesses they start (they inherit the environment): the end-to-end tests run the
+# same tiny programs in many fresh processes, and each would otherwise compile them again
+# (about 40% of a tiny run). A cache hit is the same executable, so no result depends on it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(__file__).resolve().parents[1] / ".cache" / "xla-tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 

@@ -373,3 +373,45 @@ def test_shared_single_string_gold_sets():
         examples = load_qa(qa_dir / name, limit=50)
         assert len(examples) == 50
         assert all(len(e.golden_answers) >= 1 and e.question for e in examples)
+
+
+def _kinds(n_single, n_multi):
+    return [QAExample(str(i), f"q{i}", ("a",), "multi" if i < n_multi else "single")
+            for i in range(n_single + n_multi)]
+
+
+def test_training_order_is_a_per_epoch_permutation_and_resumes():
+    from zerosearch_jax.data.iterator import DataIterator
+
+    examples = _kinds(20, 10)
+    it = DataIterator(examples, seed=3)
+    first = [e.id for _ in range(3) for e in it.next_batch(8)]  # 24 of 30, then epoch 1
+    assert len(set(first[:24])) == 24 and it.state() == {"epoch": 0, "index": 24}
+    nxt = [e.id for e in it.next_batch(8)]  # 6 left < 8: the next epoch's permutation
+    assert it.state() == {"epoch": 1, "index": 8}
+    again = DataIterator(examples, seed=3)
+    again.restore({"epoch": 0, "index": 24})
+    assert [e.id for e in again.next_batch(8)] == nxt
+
+
+def test_stratified_batches_hold_each_source_equally():
+    """Ten two-hop and twenty single-hop questions: every batch of 4 is two of each, an epoch
+    is 20 questions (the smaller source used up, each question once), and resuming from the
+    saved position gives the same batches."""
+    from zerosearch_jax.data.iterator import DataIterator
+
+    examples = _kinds(20, 10)
+    it = DataIterator(examples, seed=0, stratify=True)
+    epoch0 = [it.next_batch(4) for _ in range(5)]
+    for batch in epoch0:
+        assert sorted(e.data_source for e in batch) == ["multi", "multi", "single", "single"]
+    ids = [e.id for b in epoch0 for e in b]
+    assert len(set(ids)) == 20 and {e.id for e in examples[:10]} <= set(ids)
+    state = it.state()
+    nxt = [e.id for e in it.next_batch(4)]
+    assert it.state() == {"epoch": 1, "index": 4}
+    resumed = DataIterator(examples, seed=0, stratify=True)
+    resumed.restore(state)
+    assert [e.id for e in resumed.next_batch(4)] == nxt
+    with pytest.raises(ValueError, match="2 sources of at least 10 each"):
+        DataIterator(examples, seed=0, stratify=True).next_batch(24)

@@ -404,7 +404,7 @@ def assemble(c: ml_collections.ConfigDict, workdir: str, settings: Settings,
         train_engine.place(meshes.simulator)  # its own sub-mesh, or the rollout devices
     fns, state = _learner(c, settings, meshes, model_config, params)
     return Run(c, settings, meshes, tokenizer, model_config, ref_params, fns, state,
-               DataIterator(train_examples, seed=c.seed),
+               DataIterator(train_examples, seed=c.seed, stratify=c.data.train_stratify),
                choose_rollout(c, train_engine, tokenizer, meshes.rollout, train_examples),
                train_engine, val_engine, val_examples, to_compute,
                slice(row_start // n, row_stop // n), batch_size, workdir=workdir)

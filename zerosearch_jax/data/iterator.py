@@ -15,24 +15,46 @@ class DataIterator:
     The position (epoch, index) is all a checkpoint needs to resume exactly where the run was;
     an epoch ends when fewer questions remain than a batch needs (those are skipped, as in a
     drop-last loader), and the next epoch starts with a fresh permutation.
+
+    With `stratify`, an epoch interleaves the data sources (each in its own shuffled order:
+    one of each source in turn, sorted by name), so every batch of a multiple of the number of
+    sources holds each source equally, e.g. half single-hop, half two-hop questions where the
+    training split is one third two-hop. The epoch stops when its smallest source is used up;
+    the larger ones' remaining questions come in later epochs' permutations.
     """
 
-    def __init__(self, examples: Sequence[QAExample], seed: int, epoch: int = 0, index: int = 0):
+    def __init__(self, examples: Sequence[QAExample], seed: int, epoch: int = 0, index: int = 0,
+                 stratify: bool = False):
         if not examples:
             raise ValueError("no training examples")
         self.examples = list(examples)
         self.seed = seed
         self.epoch = epoch
         self.index = index
+        self.sources: list[np.ndarray] = [np.arange(len(self.examples))]
+        if stratify:
+            by_source: dict[str, list[int]] = {}
+            for i, e in enumerate(self.examples):
+                by_source.setdefault(e.data_source, []).append(i)
+            self.sources = [np.asarray(by_source[s]) for s in sorted(by_source)]
+        self.epoch_size = len(self.sources) * min(len(s) for s in self.sources)
 
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+        rng = np.random.default_rng([self.seed, epoch])
+        if len(self.sources) == 1:
+            return rng.permutation(self.sources[0])
+        n = min(len(s) for s in self.sources)
+        # (n, sources) read row by row: one question of each source in turn.
+        return np.stack([rng.permutation(s)[:n] for s in self.sources], axis=1).reshape(-1)
 
     def next_batch(self, n: int) -> list[QAExample]:
-        if n > len(self.examples):
+        if n > self.epoch_size:
             raise ValueError(f"a batch of {n} questions needs at least {n} examples, "
-                             f"got {len(self.examples)}")
-        if self.index + n > len(self.examples):
+                             f"got {self.epoch_size}" + (
+                                 f" ({len(self.sources)} sources of at least "
+                                 f"{self.epoch_size // len(self.sources)} each, stratified)"
+                                 if len(self.sources) > 1 else ""))
+        if self.index + n > self.epoch_size:
             self.epoch += 1
             self.index = 0
         order = self._order(self.epoch)[self.index:self.index + n]
