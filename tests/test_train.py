@@ -245,3 +245,25 @@ def test_trim_response_keeps_every_real_token_and_rounds_up():
     assert cut.rewards.sum() == batch.rewards.sum() == 1.5
     # Never longer than the packed batch.
     assert train.trim_response(batch, 200).tokens.shape == (2, P + 200)
+
+
+def test_compilation_cache_flag_defers_to_the_environment(monkeypatch, tmp_path):
+    """`--compilation_cache_dir` points JAX's persistent cache at the directory (`~` expanded);
+    '' leaves the setting alone, and so does a JAX_COMPILATION_CACHE_DIR already set."""
+    import jax
+
+    from zerosearch_jax.cli import enable_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path))
+        enable_compilation_cache("~/xla")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+        enable_compilation_cache("")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
+        enable_compilation_cache(str(tmp_path / "flag"))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
