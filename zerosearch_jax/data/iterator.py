@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from zerosearch_jax.data.qa import QAExample
+from zerosearch_jax.data.qa import QAExample, indices_by_source
 
 
 class DataIterator:
@@ -31,29 +31,25 @@ class DataIterator:
         self.seed = seed
         self.epoch = epoch
         self.index = index
-        self.sources: list[np.ndarray] = [np.arange(len(self.examples))]
-        if stratify:
-            by_source: dict[str, list[int]] = {}
-            for i, e in enumerate(self.examples):
-                by_source.setdefault(e.data_source, []).append(i)
-            self.sources = [np.asarray(by_source[s]) for s in sorted(by_source)]
-        self.epoch_size = len(self.sources) * min(len(s) for s in self.sources)
+        # Positions of each source's questions; one "source" (all of them) without stratify.
+        groups = indices_by_source(self.examples) if stratify else {"": range(len(examples))}
+        self.sources = [np.asarray(groups[s]) for s in sorted(groups)]
+        self.per_source = min(len(s) for s in self.sources)
+        self.epoch_size = len(self.sources) * self.per_source
 
     def _order(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])
-        if len(self.sources) == 1:
-            return rng.permutation(self.sources[0])
-        n = min(len(s) for s in self.sources)
-        # (n, sources) read row by row: one question of each source in turn.
-        return np.stack([rng.permutation(s)[:n] for s in self.sources], axis=1).reshape(-1)
+        # [per_source, sources] read row by row: one question of each source in turn (with one
+        # source, the plain permutation).
+        return np.stack([rng.permutation(s)[:self.per_source] for s in self.sources],
+                        axis=1).reshape(-1)
 
     def next_batch(self, n: int) -> list[QAExample]:
         if n > self.epoch_size:
+            strata = (f" ({len(self.sources)} sources of at least {self.per_source} each, "
+                      "stratified)") if len(self.sources) > 1 else ""
             raise ValueError(f"a batch of {n} questions needs at least {n} examples, "
-                             f"got {self.epoch_size}" + (
-                                 f" ({len(self.sources)} sources of at least "
-                                 f"{self.epoch_size // len(self.sources)} each, stratified)"
-                                 if len(self.sources) > 1 else ""))
+                             f"got {self.epoch_size}{strata}")
         if self.index + n > self.epoch_size:
             self.epoch += 1
             self.index = 0

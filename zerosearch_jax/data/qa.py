@@ -334,6 +334,14 @@ def load_file(path: str | Path, limit: int | None = None,
     )
 
 
+def indices_by_source(examples: Sequence[QAExample]) -> dict[str, list[int]]:
+    """The examples' positions, grouped by data source (each group in the examples' order)."""
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(e.data_source, []).append(i)
+    return groups
+
+
 def sample(examples: Sequence[QAExample], n: int | None, seed: int,
            stratify: bool = False) -> list[QAExample]:
     """A fixed-seed subset of `n` examples, in their original order; all when n is None or >= len.
@@ -350,9 +358,7 @@ def sample(examples: Sequence[QAExample], n: int | None, seed: int,
     rng = np.random.default_rng(seed)
     if not stratify:
         return [examples[i] for i in sorted(rng.choice(len(examples), size=n, replace=False))]
-    groups: dict[str, list[int]] = {}
-    for i, e in enumerate(examples):
-        groups.setdefault(e.data_source, []).append(i)
+    groups = indices_by_source(examples)
     quota = dict.fromkeys(groups, 0)
     left = n
     while left:  # one more per source that still has some, in sorted order, until n
