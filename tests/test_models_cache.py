@@ -1,5 +1,8 @@
 """The KV cache: prefill + one-token steps give the full forward pass's logits."""
 
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,3 +75,59 @@ def test_logical_axes_cover_every_param():
             assert len(spec) == x.ndim, path
         names = {n for _, s in flat_a for n in s if n}
         assert {"vocab", "embed", "mlp", "kv_heads", "heads"} <= names
+
+
+def _windowed_steps(config, params, cache, ids, mask, new, window):
+    """Prefill, then one token a step, each attending over the first `window` slots."""
+    extend = jax.jit(models.extend, static_argnums=0, static_argnames=("last_only", "kv_length"))
+    logits, cache = extend(config, params, ids, mask, cache, last_only=True, kv_length=window)
+    out = [np.asarray(logits)]
+    for t in range(new.shape[1]):
+        logits, cache = extend(config, params, new[:, t:t + 1], np.ones((len(ids), 1), bool),
+                               cache, last_only=True, kv_length=window)
+        out.append(np.asarray(logits))
+    return np.stack(out), cache
+
+
+def test_windowed_cache_gives_the_plain_caches_logits():
+    """bfloat16 kept as uint16 bits plus a spare slot: the same keys and values, so the same
+    logits, bit for bit, through windows narrower than the cache and as wide as it."""
+    config = models.tiny_config("qwen2")
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), models.init_params(config, 4))
+    ids, mask = left_padded_batch(config.vocab_size, [5, 8, 3], seed=7)
+    new = np.random.default_rng(1).integers(3, config.vocab_size, (3, 5))
+    S = ids.shape[1] + new.shape[1]
+    for window in (S - 1, S):
+        plain = models.init_cache(config, 3, S, jnp.bfloat16)
+        windowed = models.init_cache(config, 3, S, jnp.bfloat16, windowed=True)
+        assert windowed.max_length == S and windowed.k[0].shape[2] == S + 1
+        assert windowed.k[0].dtype == jnp.uint16
+        a, _ = _windowed_steps(config, params, plain, ids, mask.astype(bool), new[:, :4], window)
+        b, cache = _windowed_steps(config, params, windowed, ids, mask.astype(bool), new[:, :4],
+                                   window)
+        np.testing.assert_array_equal(a, b)
+        assert int(cache.index) == ids.shape[1] + 4
+    # float32 caches keep their dtype (only bfloat16 has the in-place problem).
+    assert models.init_cache(config, 1, 4, jnp.float32, windowed=True).k[0].dtype == jnp.float32
+
+
+def test_windowed_decode_loop_writes_the_cache_in_place():
+    """The decode loop over a windowed cache, attending through a window narrower than the
+    cache, never copies a layer's cache (a plain bfloat16 cache read this way is copied whole at
+    every step on XLA:CPU: `init_cache`'s docstring)."""
+    from zerosearch_jax import sampling
+
+    config = models.tiny_config("llama")
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), models.init_params(config, 0))
+    B, S = 4, 64
+    cache = models.init_cache(config, B, S, jnp.bfloat16, windowed=True)
+    run = jax.jit(functools.partial(
+        sampling.decode, config, sampler=sampling.Greedy(), max_new_tokens=8,
+        stop=sampling.StopConditions(pad_id=0), kv_length=32), donate_argnums=(1,))
+    logits = jnp.zeros((B, config.vocab_size), jnp.float32)
+    hlo = run.lower(params, cache, logits, jax.random.key(0)).compile().as_text()
+    K, D = config.num_kv_heads, config.head_dim
+    whole = re.compile(rf"= \w+\[{B},{K},{S + 1},{D}\]\S* copy\(")
+    assert not whole.findall(hlo)
+    out, _ = run(params, cache, logits, jax.random.key(0))
+    assert (np.asarray(out.lengths) == 8).all()

@@ -306,8 +306,8 @@ def prefill(spec: EpisodeSpec, params, prompt_ids: Array, prompt_mask: Array):
     -> (logits [B, V], cache [B, S])."""
     Q = prompt_ids.shape[0]
     dtype = jax.tree.leaves(params)[0].dtype
-    cache = _constrain(spec, spec.policy,
-                       models.init_cache(spec.policy, Q, spec.cache_length, dtype))
+    cache = _constrain(spec, spec.policy, models.init_cache(spec.policy, Q, spec.cache_length,
+                                                           dtype, windowed=True))
     logits, cache = models.extend(spec.policy, params, prompt_ids, prompt_mask, cache,
                                   last_only=True, kv_length=spec.window(0, spec.prompt_length))
     n = spec.samples

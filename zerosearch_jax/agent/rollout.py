@@ -76,7 +76,7 @@ def _extend_chunk(config, params, tokens, token_mask, cache, *, last_only, kv_le
 
 
 def _empty_cache(config, batch_size, length, dtype, placement):
-    cache = models.init_cache(config, batch_size, length, dtype)
+    cache = models.init_cache(config, batch_size, length, dtype, windowed=True)
     return cache if placement is None else placement.constrain_cache(config, cache)
 
 

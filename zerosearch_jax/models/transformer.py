@@ -27,7 +27,8 @@ the AMX path on this CPU and the MXU path on TPU. The residual stream, RMSNorm, 
 and logits are float32.
 
 KV cache. `KVCache` holds per-layer keys/values [B, K, S, D] (batch dims leading, so the
-attention dots read the cache in place), a key-validity mask [B, S], each
+attention dots read the cache in place; a multi-turn caller asks for a windowed cache,
+`init_cache(windowed=True)`), a key-validity mask [B, S], each
 row's next RoPE position [B] and the next slot to write (a scalar shared by all rows, so a write
 is one `dynamic_update_slice`). `extend` appends a chunk of T tokens (prefill: T = prompt length;
 decode: T = 1; inserted observations: any T) and returns the logits for the chunk. Rows may be
@@ -152,13 +153,26 @@ def _write_slots(cache: Array, update: Array, start) -> Array:
 
     XLA:CPU upcasts a bfloat16 dynamic-update-slice to float32 (a full read and write of the
     cache per layer per decode step); on the same bits viewed as uint16 it updates in place.
+    A windowed cache (`init_cache(windowed=True)`) holds those uint16 bits already.
     """
+    if cache.dtype == jnp.uint16:
+        bits = jax.lax.bitcast_convert_type(update.astype(jnp.bfloat16), jnp.uint16)
+        return jax.lax.dynamic_update_slice(cache, bits, start)
     update = update.astype(cache.dtype)
     if cache.dtype != jnp.bfloat16:
         return jax.lax.dynamic_update_slice(cache, update, start)
     as_u16 = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint16)
     out = jax.lax.dynamic_update_slice(as_u16(cache), as_u16(update), start)
     return jax.lax.bitcast_convert_type(out, jnp.bfloat16)
+
+
+def _read_slots(cache: Array, width: int) -> Array:
+    """The first `width` slots of a cache array [B, K, S, D], as bfloat16 when it holds
+    bfloat16 bits (a windowed cache)."""
+    window = cache[:, :, :width]
+    if cache.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(window, jnp.bfloat16)
+    return window
 
 
 class RMSNorm(nn.Module):
@@ -216,7 +230,7 @@ class Attention(nn.Module):
             ck, cv = (_write_slots(c_, x, start) for c_, x in zip(kv, (k, v), strict=True))
             new_kv = (ck, cv)
             W = attn_mask.shape[-1]
-            k, v = ck[:, :, :W], cv[:, :, :W]
+            k, v = _read_slots(ck, W), _read_slots(cv, W)
 
         # Batch dims [B, K] lead and the mask broadcasts over the G query heads of a KV head
         # (never tiled): XLA:CPU runs both attention products on its batched-matmul path
@@ -428,7 +442,8 @@ def forward(config: ModelConfig, params, input_ids: Array, attention_mask: Array
 class KVCache:
     """Decoding state of the transformer; a pytree (donate it to jitted steps).
 
-    k, v:           per-layer tuples of [B, K, S, D]
+    k, v:           per-layer tuples of [B, K, S', D] (S' = S, or S + 1 spare slot and
+                    bfloat16 stored as its uint16 bits in a windowed cache; see `init_cache`)
     key_mask:       [B, S] bool, True where a slot holds a real token
     next_position:  [B] int32, RoPE position of each row's next token
     index:          [] int32, next slot to write (shared by all rows)
@@ -455,12 +470,24 @@ def cache_logical_axes(config: ModelConfig) -> KVCache:
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_length: int,
-               dtype=jnp.bfloat16) -> KVCache:
-    """An empty cache of S = max_length slots."""
-    shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+               dtype=jnp.bfloat16, *, windowed: bool = False) -> KVCache:
+    """An empty cache of S = max_length slots.
+
+    windowed: the caller reads the cache through `extend(kv_length=...)` windows narrower
+    than S (a multi-turn rollout: each turn attends over the slots filled so far). Inside a
+    decode loop, XLA:CPU then copies every layer's whole bfloat16 cache at every step (the
+    in-place write of its bits and the window's read do not share the buffer), which made
+    such a step 2x slower than one over a cache no wider than its window (SmolLM2-135M, 16
+    rows, a 384-slot window of 768: 202 vs 95 ms, docs/benchmarks.md). A windowed cache keeps
+    bfloat16 keys and values as their uint16 bits, written in place and read as bfloat16
+    through the window, and one spare slot that no window reaches (a window as wide as the
+    cache brings the copy back). Same values, same logits; other dtypes are kept as they are.
+    """
+    stored = jnp.uint16 if windowed and jnp.dtype(dtype) == jnp.bfloat16 else dtype
+    shape = (batch_size, config.num_kv_heads, max_length + int(windowed), config.head_dim)
     return KVCache(
-        k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        k=tuple(jnp.zeros(shape, stored) for _ in range(config.num_layers)),
+        v=tuple(jnp.zeros(shape, stored) for _ in range(config.num_layers)),
         key_mask=jnp.zeros((batch_size, max_length), bool),
         next_position=jnp.zeros((batch_size,), jnp.int32),
         index=jnp.zeros((), jnp.int32))
