@@ -1,12 +1,17 @@
 """Decode throughput: this sampler vs Hugging Face `generate`, SmolLM2-135M, on this machine.
 
     python benchmarks/decode.py [--batches 1 8 32] [--new-tokens 128] [--prompt-tokens 40]
+    python benchmarks/decode.py --batches 16 --windows 128 384 640 768 [--cache-slots 768]
 
 For each batch size: tokens/s of the jitted sampler (bfloat16 weights, greedy, no early stop)
 and of `transformers` `generate` in float32 and bfloat16 (the better one is the peer), their
 ratio, our compile time (first call minus a warm call), and the fraction of the memory-bandwidth
 floor reached: bytes one decode step must read (every weight once + the KV cache) divided by
 the bandwidth measured here with a jitted read, over the measured step time.
+
+With `--windows`: ms per decode step over a cache read through narrower attention windows (as
+the multi-turn rollouts read theirs), a plain bfloat16 cache against a windowed one
+(`models.init_cache(windowed=True)`), side by side in one run.
 """
 
 from __future__ import annotations
@@ -94,6 +99,43 @@ def load_hf_peers(config, params) -> dict:
     return out
 
 
+def window_steps(config, params, batch: int, cache_slots: int, windows, steps: int = 32,
+                 repeats: int = 3) -> list[dict]:
+    """ms per decode step over a cache of `cache_slots` slots read through each attention
+    window (`extend(kv_length=W)`, as a multi-turn rollout reads it), for a plain bfloat16
+    cache and a windowed one (`models.init_cache(windowed=True)`), side by side."""
+    stop = StopConditions(pad_id=2)
+    logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
+
+    def run(params, cache, logits, W):
+        _, cache = sampling.decode(config, params, cache, logits, jax.random.key(0),
+                                   sampler=sampling.Greedy(), max_new_tokens=steps, stop=stop,
+                                   kv_length=W)
+        return cache.replace(index=jnp.int32(W - steps))  # the next call writes the same slots
+
+    run = jax.jit(run, static_argnums=3, donate_argnums=1)
+    rows = []
+    for W in windows:
+        row = dict(batch=batch, cache_slots=cache_slots, window=W)
+        for name, windowed in (("plain", False), ("windowed", True)):
+            cache = models.init_cache(config, batch, cache_slots, jnp.bfloat16,
+                                      windowed=windowed)
+            cache = cache.replace(index=jnp.int32(W - steps),
+                                  key_mask=jnp.ones((batch, cache_slots), bool))
+            cache = jax.block_until_ready(run(params, cache, logits, W))
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                cache = jax.block_until_ready(run(params, cache, logits, W))
+                times.append(time.perf_counter() - t)
+            row[f"{name}_ms"] = 1e3 * statistics.median(times) / steps
+        rows.append(row)
+        print(f"{batch:>5} {cache_slots:>6} {W:>6} {row['plain_ms']:>9.1f} "
+              f"{row['windowed_ms']:>11.1f} {row['plain_ms'] / row['windowed_ms']:>7.2f}x",
+              flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -102,9 +144,23 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--windows", type=int, nargs="*",
+                    help="instead: ms per decode step at the first of --batches, over a cache of "
+                         "--cache-slots slots read through each of these attention windows, "
+                         "plain vs windowed cache")
+    ap.add_argument("--cache-slots", type=int, default=768)
     args = ap.parse_args()
 
     config, params = models.load_pretrained(models.DEFAULT_MODEL, dtype=jnp.bfloat16)
+    if args.windows:
+        print(f"{'batch':>5} {'slots':>6} {'window':>6} {'plain ms':>9} {'windowed ms':>11} "
+              f"{'ratio':>8}")
+        rows = window_steps(config, params, args.batches[0], args.cache_slots, args.windows,
+                            repeats=args.repeats)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(rows=rows), f, indent=2)
+        return
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     bandwidth = measure_bandwidth()
     print(f"device: {jax.devices()[0].device_kind}, threads: {os.cpu_count()}, "
