@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.hf_utils import left_padded_batch
-from zerosearch_jax import models
+from zerosearch_jax import models, sampling
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
@@ -115,8 +115,6 @@ def test_windowed_decode_loop_writes_the_cache_in_place():
     """The decode loop over a windowed cache, attending through a window narrower than the
     cache, never copies a layer's cache (a plain bfloat16 cache read this way is copied whole at
     every step on XLA:CPU: `init_cache`'s docstring)."""
-    from zerosearch_jax import sampling
-
     config = models.tiny_config("llama")
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), models.init_params(config, 0))
     B, S = 4, 64

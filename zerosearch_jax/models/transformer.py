@@ -155,15 +155,13 @@ def _write_slots(cache: Array, update: Array, start) -> Array:
     cache per layer per decode step); on the same bits viewed as uint16 it updates in place.
     A windowed cache (`init_cache(windowed=True)`) holds those uint16 bits already.
     """
-    if cache.dtype == jnp.uint16:
-        bits = jax.lax.bitcast_convert_type(update.astype(jnp.bfloat16), jnp.uint16)
-        return jax.lax.dynamic_update_slice(cache, bits, start)
-    update = update.astype(cache.dtype)
-    if cache.dtype != jnp.bfloat16:
-        return jax.lax.dynamic_update_slice(cache, update, start)
     as_u16 = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint16)
-    out = jax.lax.dynamic_update_slice(as_u16(cache), as_u16(update), start)
-    return jax.lax.bitcast_convert_type(out, jnp.bfloat16)
+    if cache.dtype == jnp.uint16:
+        return jax.lax.dynamic_update_slice(cache, as_u16(update.astype(jnp.bfloat16)), start)
+    if cache.dtype == jnp.bfloat16:
+        return jax.lax.bitcast_convert_type(_write_slots(as_u16(cache), update, start),
+                                            jnp.bfloat16)
+    return jax.lax.dynamic_update_slice(cache, update.astype(cache.dtype), start)
 
 
 def _read_slots(cache: Array, width: int) -> Array:
@@ -477,11 +475,12 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int,
     than S (a multi-turn rollout: each turn attends over the slots filled so far). Inside a
     decode loop, XLA:CPU then copies every layer's whole bfloat16 cache at every step (the
     in-place write of its bits and the window's read do not share the buffer), which made
-    such a step 2x slower than one over a cache no wider than its window (SmolLM2-135M, 16
-    rows, a 384-slot window of 768: 202 vs 95 ms, docs/benchmarks.md). A windowed cache keeps
-    bfloat16 keys and values as their uint16 bits, written in place and read as bfloat16
-    through the window, and one spare slot that no window reaches (a window as wide as the
-    cache brings the copy back). Same values, same logits; other dtypes are kept as they are.
+    such a step about 2x slower (SmolLM2-135M, 16 rows, a 384-slot window of a 768-slot
+    cache: 167 vs 89 ms a step, `benchmarks/decode.py --windows`, docs/benchmarks.md). A
+    windowed cache keeps bfloat16 keys and values as their uint16 bits, written in place and
+    read as bfloat16 through the window, and one spare slot that no window reaches (a window
+    as wide as the cache brings the copy back). Same values, same logits; other dtypes are
+    kept as they are.
     """
     stored = jnp.uint16 if windowed and jnp.dtype(dtype) == jnp.bfloat16 else dtype
     shape = (batch_size, config.num_kv_heads, max_length + int(windowed), config.head_dim)
