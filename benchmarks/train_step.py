@@ -39,39 +39,57 @@ def _batch(B, T, vocab, seed=0):
     return tokens, loss_mask, adv
 
 
-def run_ours(B, T, dtype, steps):
+def time_update(config, params, B, T, dtype, steps) -> dict:
+    """The trainer's jitted update (`TrainFns.update`, state donated) on one [B, T] batch,
+    scored once beforehand as the trainer scores it: seconds per update (median of `steps`
+    after a compiling one). config / params: the model (float32 master weights)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from zerosearch_jax import models, training
+    from zerosearch_jax import training
     from zerosearch_jax.rl import train_step as ts
 
-    # float32 master weights and Adam moments, matmuls in `dtype` (mixed precision), as the
-    # trainer runs; PyTorch gets its weights in `dtype` (its usual bf16 fine-tuning set-up).
-    config, params = models.load_pretrained(models.DEFAULT_MODEL, dtype=jnp.float32)
     tokens, loss_mask, adv = _batch(B, T, config.vocab_size)
+    rewards = np.zeros((B, T), np.float32)
+    rewards[:, -1] = adv[:, -1]  # one reward per episode at its last token
     uc = ts.UpdateConfig(advantage_estimator="reinforce", micro_batch_size=B, remat=False,
                          compute_dtype=dtype)
     fns = ts.make_train_fns(config, uc, training.make_optimizer(1e-6, 100))
     state = fns.init_state(params)
     batch = {"tokens": tokens, "attention_mask": np.ones((B, T), bool),
              "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
-             "loss_mask": loss_mask, "old_logprobs": np.zeros((B, T), np.float32),
-             "ref_logprobs": np.zeros((B, T), np.float32), "advantages": adv}
+             "loss_mask": loss_mask, "logprobs": np.zeros((B, T), np.float32),
+             "rewards": rewards, "group": np.arange(B, dtype=np.int32)}
+    layout = fns.plan(batch["attention_mask"])  # unpacked: the B rows are one micro-batch
+    ref = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    scored = jax.block_until_ready(fns.score(state.params, ref, None, batch, layout))
     t = time.perf_counter()
-    state, m = fns.update(state, batch, jax.random.key(0))
+    state, m = fns.update(state, scored, layout)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t
     before = _peak_rss_mb()
     times = []
-    for i in range(steps):
+    for _ in range(steps):
         t = time.perf_counter()
-        state, m = fns.update(state, batch, jax.random.key(i))
+        state, m = fns.update(state, scored, layout)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
+    if not np.isfinite(float(m["loss"])):
+        raise RuntimeError(f"the update's loss is {float(m['loss'])}")
     return {"step_s": statistics.median(times), "compile_s": compile_s,
             "peak_rss_mb": _peak_rss_mb(), "rss_growth_mb": _peak_rss_mb() - before}
+
+
+def run_ours(B, T, dtype, steps):
+    import jax.numpy as jnp
+
+    from zerosearch_jax import models
+
+    # float32 master weights and Adam moments, matmuls in `dtype` (mixed precision), as the
+    # trainer runs; PyTorch gets its weights in `dtype` (its usual bf16 fine-tuning set-up).
+    config, params = models.load_pretrained(models.DEFAULT_MODEL, dtype=jnp.float32)
+    return time_update(config, params, B, T, dtype, steps)
 
 
 def run_torch(B, T, dtype, steps):

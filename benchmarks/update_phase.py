@@ -5,9 +5,10 @@
 
 Rolls out once as the default job does (configs/default.py: 16 episodes, the warmed-up policy
 searching, the tuned simulator answering at noise 0.25), cuts the batch as the trainer does,
-then times the trainer's jitted score and update on it twice: with the default's packing
-(`algorithm.pack_length` tokens a row, one row a micro-batch) and unpacked (one episode a row,
-4 rows a micro-batch, the layout before packing). Prints for each: real tokens/s of score +
+then times the trainer's jitted score and update on it with the default's packing
+(`algorithm.pack_length` tokens a row, `algorithm.micro_batch_size` rows a micro-batch), the
+same packing at the other of 1 or 2 rows a micro-batch, and unpacked (one episode a row, 4 rows
+a micro-batch, the layout before packing). Prints for each: real tokens/s of score +
 update, the padding fraction, the reference pass's share, and the update alone in real tokens/s
 against a dense update of the same model in the same run (all-real [4, 256] rows, the
 `train_step.py` benchmark's shape). `--batch-file` keeps the rollout's batch for reruns.
@@ -68,8 +69,9 @@ def time_phase(uc, config, params, batch, repeats) -> dict[str, float]:
     fns = ts.make_train_fns(config, uc, training.make_optimizer(1e-6, 100))
     state = fns.init_state(jax.tree.map(jnp.copy, params))
     ref = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    plan = uc.plan(batch["attention_mask"], 0, batch["tokens"], batch["group"],
-                   int(batch["prompt_length"]))
+    plan = packing.plan(batch["attention_mask"], seed=0, tokens=batch["tokens"],
+                        group=batch["group"], prompt_length=int(batch["prompt_length"]),
+                        **uc.packing_args)
     layout = fns.place_layout(plan)
     score_s, update_s = [], []
     for _ in range(repeats + 1):  # the first compiles
@@ -105,7 +107,10 @@ def main():
     real = int(batch["attention_mask"].sum())
     config, params = models.load_pretrained(args.policy, dtype=jnp.float32)
     packed_uc = settings.update
-    modes = {f"packed ({packed_uc.pack_length} a row)": packed_uc,
+    other_rows = 2 if packed_uc.micro_batch_size == 1 else 1
+    modes = {f"packed, {packed_uc.micro_batch_size} row(s) a micro-batch": packed_uc,
+             f"packed, {other_rows} row(s) a micro-batch": dataclasses.replace(
+                 packed_uc, micro_batch_size=other_rows),
              "padded (a row an episode)": dataclasses.replace(packed_uc, pack_length=0,
                                                                 micro_batch_size=4)}
     B, T = batch["tokens"].shape
@@ -115,7 +120,7 @@ def main():
     for name, uc in modes.items():
         r = results[name] = time_phase(uc, config, params, batch, args.repeats)
         total = r["score_s"] + r["update_s"]
-        print(f"  {name:<26} score+update {real / total:7.1f} real tok/s ({total:.1f} s: score "
+        print(f"  {name:<34} score+update {real / total:7.1f} real tok/s ({total:.1f} s: score "
               f"{r['score_s']:.1f}, update {r['update_s']:.1f}); padding {r['padding']:.1%} of "
               f"{r['slots']} slots; reference pass {r['score_s'] / total:.0%}")
     # A dense update of the same model: every slot a real token ([4, 256], train_step.py's).
@@ -135,9 +140,9 @@ def main():
     dense_rate = 4 * 256 / d["update_s"]
     print(f"  dense update [4, 256]: {dense_rate:.1f} tok/s (same run)")
     for name, r in results.items():
-        print(f"  {name:<26} update alone {real / r['update_s']:7.1f} real tok/s = "
+        print(f"  {name:<34} update alone {real / r['update_s']:7.1f} real tok/s = "
               f"{real / r['update_s'] / dense_rate:.0%} of dense")
-    p, u = (results[k] for k in modes)
+    p, _, u = (results[k] for k in modes)
     print(f"  packed / padded, score+update: "
           f"{(u['score_s'] + u['update_s']) / (p['score_s'] + p['update_s']):.2f}x")
 

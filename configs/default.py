@@ -141,7 +141,10 @@ def algorithm() -> ml_collections.ConfigDict:
     a.estimator = "grpo"  # reinforce | grpo | gae (PPO) | reinforce_pp
     a.ppo_epochs = 1
     a.num_minibatches = 1
-    a.micro_batch_size = 2  # rows per forward/backward (packed rows when packing).
+    # Rows per forward/backward (packed rows when packing). One: a step runs as many 1024-token
+    # rows as its episodes fill (two a micro-batch would round up to an even number), at the
+    # same speed per token (docs/benchmarks.md, update phase).
+    a.micro_batch_size = 1
     # Scoring and update rows of pack_length tokens, each holding several episodes (attention
     # within each, a GRPO group's prompt once per row): they pay for real tokens, not for
     # padding to the longest episode. 0: one episode a row. At least the longest possible

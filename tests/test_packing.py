@@ -92,6 +92,25 @@ def test_a_group_shares_its_prompt():
     np.testing.assert_array_equal(back[mask], x[mask])
 
 
+def test_a_groups_episodes_are_packed_together_when_that_saves_a_row():
+    """Two groups of three (8 prompt columns, 7 shared): by decreasing length alone the
+    episodes fill 4 rows of 48; a group's episodes placed in turn share its prompt and fill 3.
+    Every real token is still placed once."""
+    P, lengths = 8, (37, 37, 15, 13, 13, 31)
+    group = np.repeat(np.arange(2, dtype=np.int32), 3)
+    T = max(lengths)
+    mask = np.arange(T)[None] < np.array(lengths)[:, None]
+    tokens = np.tile(np.arange(T, dtype=np.int32), (6, 1)) + 100 * group[:, None]
+    tokens[:, P:] += 1000 * np.arange(6, dtype=np.int32)[:, None]  # own responses
+    layout = packing.plan(mask, rows=1, row_length=48, tokens=tokens, group=group,
+                          prompt_length=P)
+    assert int(layout.score_used) == 3
+    x = tokens.astype(np.float32)
+    packed = np.asarray(packing.gather(jnp.asarray(x), layout.score_index, layout.score_segment))
+    np.testing.assert_array_equal(np.asarray(packing.unpack(jnp.asarray(packed), layout))[mask],
+                                  x[mask])
+
+
 def test_episode_longer_than_a_packed_row_is_refused():
     with pytest.raises(ValueError, match="pack_length"):
         packing.plan(np.ones((2, 30), bool), rows=1, row_length=16)

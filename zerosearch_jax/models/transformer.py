@@ -182,9 +182,14 @@ class RMSNorm(nn.Module):
     def __call__(self, x: Array) -> Array:
         scale = _param(self, "scale", (self.axis_name,), (x.shape[-1],), self.param_dtype,
                        nn.initializers.ones)
-        x = x.astype(jnp.float32)
+        # Rows flattened to [N, E] (batch and time merge; embed, the one axis a mesh may split
+        # beside the batch, stays): XLA:CPU's fused reductions of the backward pass (the
+        # scale's gradient) run ~20x slower on a [1, T, E] array than on [T, E]; a packed
+        # micro-batch of one row paid ~2.4 s an update for it (docs/benchmarks.md).
+        shape = x.shape
+        x = x.astype(jnp.float32).reshape(-1, shape[-1])
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return x * scale.astype(jnp.float32)
+        return (x * scale.astype(jnp.float32)).reshape(shape)
 
 
 class Attention(nn.Module):
@@ -240,7 +245,11 @@ class Attention(nn.Module):
         def attend(q, k, v, mask):
             scores = _einsum("bkgtd,bksd->bkgts", q, k, cd)
             scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
-            return _einsum("bkgts,bksd->bkgtd", jax.nn.softmax(scores, axis=-1), v, cd)
+            # A batch of one row is dropped for the softmax: XLA:CPU's fused reductions of its
+            # backward pass run ~20x slower over [1, K, G, T, S] than over [K, G, T, S] scores
+            # (as RMSNorm's). Only that axis: heads may be sharded, and stay so.
+            probs = jax.nn.softmax(scores[0] if scores.shape[0] == 1 else scores, axis=-1)
+            return _einsum("bkgts,bksd->bkgtd", probs.reshape(scores.shape), v, cd)
 
         if kv is None and T > _QUERY_CHUNK:
             # Whole sequences (training, scoring): causal, so queries [q0, q1) read keys [0, q1)
