@@ -2,6 +2,12 @@
 
     python benchmarks/decode.py [--batches 1 8 32] [--new-tokens 128] [--prompt-tokens 40]
     python benchmarks/decode.py --batches 16 --windows 128 384 640 768 [--cache-slots 768]
+    python benchmarks/decode.py --model random:qwen2.5-3b --no-hf --batches 1 8 32
+
+`--model` takes what `models.load_pretrained` takes (default: the embedded SmolLM2-135M), or
+`random:<shape>` for random bfloat16 weights of a known shape (`RANDOM_SHAPES`): a decode
+step's time depends on the shapes, not on the values, so a machine without the weights (an
+accelerator that cannot fetch them) still measures the step and its bandwidth floor.
 
 For each batch size: tokens/s of the jitted sampler (bfloat16 weights, greedy, no early stop)
 and of `transformers` `generate` in float32 and bfloat16 (the better one is the peer), their
@@ -30,6 +36,30 @@ import numpy as np  # noqa: E402
 
 from zerosearch_jax import models, sampling  # noqa: E402
 from zerosearch_jax.sampling import StopConditions  # noqa: E402
+
+# `config.json` fields of the models `--model random:<shape>` builds (the published configs).
+RANDOM_SHAPES = {
+    "smollm2-135m": dict(
+        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
+        rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192),
+    "qwen2.5-3b": dict(
+        model_type="qwen2", vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+        num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=32768),
+}
+
+
+def load_model(name: str):
+    """(config, bfloat16 params) of `--model`: a loadable model, or random:<RANDOM_SHAPES key>."""
+    if not name.startswith("random:"):
+        return models.load_pretrained(name, dtype=jnp.bfloat16)
+    shape = name.split(":", 1)[1]
+    if shape not in RANDOM_SHAPES:
+        raise SystemExit(f"--model {name}: unknown shape {shape!r}; known: "
+                         f"{', '.join(sorted(RANDOM_SHAPES))}")
+    config = models.ModelConfig.from_hf_dict(RANDOM_SHAPES[shape], source=name)
+    return config, models.init_params(config, 0, dtype=jnp.bfloat16)
 
 
 def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
@@ -149,9 +179,12 @@ def main():
                          "--cache-slots slots read through each of these attention windows, "
                          "plain vs windowed cache")
     ap.add_argument("--cache-slots", type=int, default=768)
+    ap.add_argument("--model", default=models.DEFAULT_MODEL,
+                    help="a model load_pretrained takes, or random:<shape> (random weights; "
+                         f"shapes: {', '.join(sorted(RANDOM_SHAPES))})")
     args = ap.parse_args()
 
-    config, params = models.load_pretrained(models.DEFAULT_MODEL, dtype=jnp.bfloat16)
+    config, params = load_model(args.model)
     if args.windows:
         print(f"{'batch':>5} {'slots':>6} {'window':>6} {'plain ms':>9} {'windowed ms':>11} "
               f"{'ratio':>8}")
@@ -163,8 +196,9 @@ def main():
         return
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     bandwidth = measure_bandwidth()
-    print(f"device: {jax.devices()[0].device_kind}, threads: {os.cpu_count()}, "
-          f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s, weights {param_bytes / 1e6:.0f} MB")
+    print(f"model: {args.model}, device: {jax.devices()[0].device_kind}, threads: "
+          f"{os.cpu_count()}, measured read bandwidth {bandwidth / 1e9:.1f} GB/s, weights "
+          f"{param_bytes / 1e6:.0f} MB")
 
     hf_models = {}
     if not args.no_hf:

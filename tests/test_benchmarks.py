@@ -38,3 +38,24 @@ def test_update_phase_benchmark_times_each_layout():
     assert p["slots"] == 4 * 40
     assert round(p["slots"] * (1 - p["padding"])) == 4 * (5 + 4 * 7) < B * T
     assert min(p["score_s"], p["update_s"], u["score_s"], u["update_s"]) > 0
+
+
+def test_decode_benchmarks_random_shapes_are_the_published_models(smollm2_gguf):
+    """`decode.py --model random:<shape>` times a model of the named shape: the SmolLM2 shape
+    is the embedded model's architecture (read from its GGUF), the Qwen2.5-3B one has its
+    published parameter count (3.09B), and an unknown shape is a clear error."""
+    import pytest
+
+    from benchmarks import decode
+
+    embedded = models.GGUFSource(smollm2_gguf).model_config()
+    shaped = models.ModelConfig.from_hf_dict(decode.RANDOM_SHAPES["smollm2-135m"])
+    assert shaped.rms_norm_eps == pytest.approx(embedded.rms_norm_eps)  # float32 in the GGUF
+    same = ("bos_token_id", "eos_token_ids", "pad_token_id", "max_position_embeddings",
+            "rms_norm_eps")
+    assert dataclasses.replace(shaped, **{k: getattr(embedded, k) for k in same}) == embedded
+    qwen = models.ModelConfig.from_hf_dict(decode.RANDOM_SHAPES["qwen2.5-3b"])
+    count = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(models.param_shapes(qwen)))
+    assert round(count / 1e9, 2) == 3.09 and qwen.qkv_bias and qwen.tie_word_embeddings
+    with pytest.raises(SystemExit, match="unknown shape 'gpt-9'"):
+        decode.load_model("random:gpt-9")
