@@ -1,15 +1,17 @@
-"""The update benchmarks run the trainer's own functions: they must keep running as the trainer's
-signatures change (a tiny model here; the benchmarks load SmolLM2-135M)."""
+"""The benchmarks run the package's own functions: they must keep running as its signatures
+change (a tiny model here; the benchmarks load SmolLM2-135M), and decode.py's random-weight
+shapes must stay the models they name."""
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from rl_toy import toy_batch, toy_config
 
+from benchmarks import decode, update_phase
 from benchmarks import train_step as train_step_bench
-from benchmarks import update_phase
 from zerosearch_jax import models
 from zerosearch_jax.rl import train_step as ts
 
@@ -44,10 +46,6 @@ def test_decode_benchmarks_random_shapes_are_the_published_models(smollm2_gguf):
     """`decode.py --model random:<shape>` times a model of the named shape: the SmolLM2 shape
     is the embedded model's architecture (read from its GGUF), the Qwen2.5-3B one has its
     published parameter count (3.09B), and an unknown shape is a clear error."""
-    import pytest
-
-    from benchmarks import decode
-
     embedded = models.GGUFSource(smollm2_gguf).model_config()
     shaped = models.ModelConfig.from_hf_dict(decode.RANDOM_SHAPES["smollm2-135m"])
     assert shaped.rms_norm_eps == pytest.approx(embedded.rms_norm_eps)  # float32 in the GGUF
