@@ -56,6 +56,24 @@ def test_micro_batch_size_does_not_change_the_update(estimator):
     assert moved > 1e-4  # the update did something
 
 
+def test_cpu_compiler_options_keep_the_update(monkeypatch):
+    """The training programs' CPU code-generation level (`training.compiler_options`) is a
+    speed choice only: the update with it matches the update at XLA's default to float
+    tolerance; XLA_FLAGS naming the level turns it off."""
+    assert training.compiler_options() == training.CPU_TRAINING_COMPILER_OPTIONS
+    config = toy_config()
+    params = models.init_params(config, 3)
+    batch, _ = toy_batch(config, params, jax.random.key(1))
+    tuned, tuned_metrics = _one_update(2, batch, params)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+    assert training.compiler_options() is None
+    default, default_metrics = _one_update(2, batch, params)
+    np.testing.assert_allclose(float(tuned_metrics["loss"]), float(default_metrics["loss"]),
+                               rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(tuned.params), jax.tree.leaves(default.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def test_nonfinite_step_is_skipped():
     config = toy_config()
     params = models.init_params(config, 2)

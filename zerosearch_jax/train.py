@@ -381,8 +381,11 @@ def assemble(c: ml_collections.ConfigDict, workdir: str, settings: Settings,
     initial_policy = c.policy
     if c.warmup.steps:
         def validate_untrained(config, params):
-            return hooks.validate(config, to_compute(params), tokenizer, val_examples,
-                                  val_engine, rc, c.seed,
+            # Placed as every later validation's policy (`Run.rollout_params`): the programs
+            # it compiles are then the ones those reuse (on None they compiled anew, ~25 s).
+            params = meshes.rollout.put(to_compute(params), meshes.rollout.param_shardings(config))
+            return hooks.validate(config, params, tokenizer, val_examples, val_engine, rc,
+                                  c.seed, meshes.rollout,
                                   trace_path=validation_traces(workdir, "untrained"))
 
         initial_policy = stages.warm_up_policy(c, workdir, rc, tokenizer, val_engine,

@@ -410,11 +410,13 @@ def make_train_fns(config: models.ModelConfig, uc: UpdateConfig, actor_opt, crit
                                          **shared))
 
     # The scored [B, T] arrays leave split along rows, as `update` takes them.
+    options = training.compiler_options()
     score_jit = jax.jit(functools.partial(score_batch, config, uc),
-                        out_shardings=placement.batch_sharding(2))
+                        out_shardings=placement.batch_sharding(2), compiler_options=options)
     update_jit = jax.jit(functools.partial(update, config, uc, actor_opt, critic_opt),
                          in_shardings=(state_sharding, placement.batch_sharding(2), None),
-                         out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+                         out_shardings=(state_sharding, replicated), donate_argnums=(0,),
+                         compiler_options=options)
 
     return TrainFns(init_state, plan, place_layout, score_jit, update_jit, param_sharding,
                     critic_sharding, state_sharding, batch_spec, placement)

@@ -221,7 +221,7 @@ def tune_on_arrays(config: models.ModelConfig, params, data: dict[str, np.ndarra
     state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                 opt_state=optimizer.init(params))
     step_fn = jax.jit(lambda s, b, lay: sft_step(config, sc, optimizer, s, b, lay),
-                      donate_argnums=(0,))
+                      donate_argnums=(0,), compiler_options=training.compiler_options())
     order = DataIterator(list(range(n)), seed=sc.seed)
 
     manager = ocp.CheckpointManager(
