@@ -13,7 +13,7 @@ simulator's SFT and the policy's format warm-up (`simulator_sft.finetune`).
   into micro-batches divides once by the total count; `accumulate`: the gradient summed over a
   step's micro-batches (the packed ones in use).
 - `compiler_options`: how every training program (the RL learner's, the SFT step) is jitted:
-  XLA:CPU at LLVM level 1 on a CPU, which runs them faster; nothing on an accelerator.
+  XLA:CPU at LLVM level 2 on a CPU, which runs the RL update faster; nothing elsewhere.
 """
 
 from __future__ import annotations
