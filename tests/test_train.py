@@ -226,6 +226,20 @@ def test_every_config_file_validates(name):
         assert config.simulator.model.startswith("sunhaonlp/SearchSimulation")
 
 
+def test_the_run_description_names_noise_only_for_a_simulator():
+    import importlib
+
+    from zerosearch_jax import train
+
+    sys.path.insert(0, ROOT)
+    config = importlib.import_module("configs.default").get_config()
+    assert "(noise 0.00 -> 0.50)" in train.describe_run(config, "/tmp/run")
+    config.simulator.kind = "bm25"
+    text = train.describe_run(config, "/tmp/run")
+    assert "against the real engine bm25, validated on 64 questions" in text
+    assert "noise" not in text.split("RL:")[1]
+
+
 def test_trim_response_keeps_every_real_token_and_rounds_up():
     from zerosearch_jax import agent, train
     from zerosearch_jax.agent.environment import Piece

@@ -597,9 +597,12 @@ def describe_run(c: ml_collections.ConfigDict, workdir: str) -> str:
     engine = {"llm": "the tuned simulator" if c.simulator.get("tune") else
               f"the simulator {c.simulator.model}", "server": f"the simulator at "
               f"{c.simulator.url}"}.get(c.simulator.kind, f"the real engine {c.simulator.kind}")
+    # Only a simulator takes the curriculum's noise probability; a real engine ignores it.
+    noise = (f" (noise {c.curriculum.start:.2f} -> {c.curriculum.end:.2f})"
+             if c.simulator.kind in ("llm", "server") else "")
     parts.append(f"RL: {c.total_steps} {c.algorithm.estimator} steps of {c.prompts_per_step} "
-                 f"questions x {c.rollout.samples_per_prompt} episodes against {engine} "
-                 f"(noise {c.curriculum.start:.2f} -> {c.curriculum.end:.2f}), validated on "
+                 f"questions x {c.rollout.samples_per_prompt} episodes against {engine}{noise}, "
+                 f"validated on "
                  f"{c.data.validation_size} questions with {c.validation.engine} every "
                  f"{c.validation.every} steps -> metrics.jsonl, plots/, checkpoints/, hf_policy/, "
                  f"final_validation.json")
