@@ -13,6 +13,7 @@ from zerosearch_jax.metrics import (
     TENSORBOARD_DIR,
     MetricsWriter,
     bootstrap_interval,
+    groups_with_spread,
     read_metrics,
     summary,
 )
@@ -301,3 +302,12 @@ def test_cli_missing_or_empty_metrics(tmp_path, capsys, content):
     assert captured.out == ""
     assert "error:" in captured.err and str(tmp_path / METRICS_FILE) in captured.err
     assert not (tmp_path / plot.PLOTS_DIR).exists()
+
+
+def test_groups_with_spread_counts_the_groups_grpo_learns_from():
+    # Three questions of four samples: all right, mixed, all wrong (in shuffled row order).
+    rewards = [1, 0, 1, 0.5, 0, 1, 1, 0, 0, 1, 0, 0]
+    group = [0, 2, 0, 1, 2, 0, 1, 1, 2, 0, 2, 1]
+    assert groups_with_spread(rewards, group) == pytest.approx(1 / 3)
+    assert groups_with_spread([0.25] * 4, [7] * 4) == 0.0
+    assert groups_with_spread([], []) == 0.0

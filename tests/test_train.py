@@ -82,6 +82,8 @@ def test_sigkill_resume_matches_uninterrupted_run(policy_dir, tmp_path):
         groups = [t["group"] for t in traces]
         assert groups == sorted(groups) and len(set(groups)) < len(groups)
         assert all(len({t["question"] for t in traces if t["group"] == g}) == 1 for g in groups)
+        spread = [len({t["f1"] for t in traces if t["group"] == g}) > 1 for g in set(groups)]
+        assert abs(np.mean(spread) - row["reward/groups_with_spread"]) < 1e-6
         assert abs(np.mean([len(t["calls"]) for t in traces]) - row["episode/engine_calls"]) < 1e-6
         assert all(c["useful"] in (True, False) for t in traces for c in t["calls"])
         assert {t["noise_probability"] for t in traces} == {row["curriculum/noise_probability"]}

@@ -244,6 +244,21 @@ def bootstrap_interval(values, level: float = 0.95, resamples: int = 2000,
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
+def groups_with_spread(rewards, group) -> float:
+    """The share of groups (a question's samples) whose rewards are not all equal: the part of
+    a step GRPO learns from, since a group of equal rewards has zero advantage on every token.
+    rewards, group: [B] episode rewards and group ids; 0.0 for an empty batch."""
+    r, g = np.asarray(rewards, np.float64), np.asarray(group)
+    if r.size == 0:
+        return 0.0
+    ids, inverse = np.unique(g, return_inverse=True)
+    low = np.full(ids.size, np.inf)
+    high = np.full(ids.size, -np.inf)
+    np.minimum.at(low, inverse, r)
+    np.maximum.at(high, inverse, r)
+    return float(np.mean(high > low))
+
+
 def summary(metrics: Mapping[str, float]) -> str:
     """The top-level scores of a metrics dict on one line (`f1=0.500 [0.38, 0.62], em=0.438`),
     a score's 95% interval beside it when the dict holds one (`f1_lo`, `f1_hi`); per-source

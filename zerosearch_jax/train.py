@@ -484,7 +484,11 @@ def step_metrics(batch: agent.RolloutBatch, stats, update_metrics: dict[str, flo
                  float(batch.attention_mask[:, batch.prompt_length:].sum(1).mean()),
              "tokens/generated": float(stats.generated_tokens),
              "tokens/step": float(batch.attention_mask.sum()),
-             "update/padding": packing.padding_fraction(plan)}
+             "update/padding": packing.padding_fraction(plan),
+             # Each process holds whole groups, as many as every other: the mean of the local
+             # shares is the global share.
+             "reward/groups_with_spread": metrics_lib.groups_with_spread(
+                 np.asarray(batch.rewards).sum(axis=1), np.asarray(batch.group))}
     rollout_metrics = hooks.across_processes(local)
     generated = rollout_metrics.pop("tokens/generated") * jax.process_count()
     step_tokens = rollout_metrics.pop("tokens/step") * jax.process_count()
