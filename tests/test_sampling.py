@@ -193,6 +193,54 @@ def test_top_p_matches_its_definition(p):
     assert np.abs(freqs - expected).max() < 0.01
 
 
+def _vocab_logits(seed, peaked_rows, flat_rows, vocab=49152):
+    """Rows shaped like a trained LM's next-token logits (a few tokens far above the rest,
+    the nucleus inside the top 64) and flat rows (a nucleus of thousands of tokens)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(peaked_rows + flat_rows, vocab)).astype(np.float32)
+    for b in range(peaked_rows):
+        z[b, rng.integers(0, vocab, 5)] += rng.uniform(15.0, 20.0, 5)
+    return jnp.asarray(z)
+
+
+def test_top_p_candidates_give_the_exact_search_tokens_row_by_row():
+    """The top-64 path gives the exact search's tokens and log-probs, and a row's draw is the
+    same whether its batch runs the exact search (a flat row present) or not."""
+    fast, exact = sampling.TopP(0.95), sampling.TopP(0.95, candidates=0)
+    logits = _vocab_logits(0, peaked_rows=6, flat_rows=2)
+    keys = jax.random.split(jax.random.key(3), 8)
+    for step in range(4):
+        k = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+        got, want = jax.jit(fast)(logits, k), jax.jit(exact)(logits, k)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-6)
+        alone = jax.jit(fast)(logits[:6], k[:6])  # every row covered: no exact search
+        np.testing.assert_array_equal(np.asarray(alone[0]), np.asarray(got[0][:6]))
+    # The candidates hold the nucleus of the peaked rows only.
+    nucleus = (np.exp(np.asarray(exact.log_probs(logits))) > 0).sum(-1)
+    assert (nucleus[:6] <= 64).all() and (nucleus[6:] > 64).all(), nucleus
+
+
+def test_sampling_inverts_the_cdf_with_each_rows_own_uniform():
+    """With [B] keys, row b's token is where the vocabulary's CDF crosses 1 - uniform(key_b)
+    (the two-level inversion picks what one cumulative sum picks), never a zero-probability
+    token (rows with most of the vocabulary masked)."""
+    rng = np.random.default_rng(1)
+    sampler = jax.jit(sampling.Temperature(1.0))
+    for trial in range(12):
+        logits = jnp.asarray(rng.normal(size=(8, 5000)) * (0.5 + trial % 4), jnp.float32)
+        if trial % 2:
+            logits = jnp.where(jnp.asarray(rng.random((8, 5000)) < 0.95), -jnp.inf, logits)
+        keys = jax.random.split(jax.random.key(trial), 8)
+        u = 1.0 - np.asarray(jax.vmap(lambda k: jax.random.uniform(k, (1,)))(keys))
+        probs = np.exp(np.asarray(jax.nn.log_softmax(logits), np.float64))
+        cdf = np.cumsum(probs, -1)
+        want = (cdf < u * cdf[:, -1:]).sum(-1)
+        got, got_lp = sampler(logits, keys)
+        np.testing.assert_array_equal(np.asarray(got), want)
+        assert np.isfinite(np.asarray(got_lp)).all()
+
+
 def test_greedy_and_reproducibility():
     toks, logps = sampling.Greedy()(LOGITS, jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(toks), [0, 3])
@@ -210,6 +258,8 @@ def test_bad_sampler_arguments():
         sampling.Temperature(0.0)
     with pytest.raises(ValueError, match="top-p needs 0 < p <= 1, got 1.5"):
         sampling.TopP(1.5)
+    with pytest.raises(ValueError, match="top-p candidates must be >= 0, got -1"):
+        sampling.TopP(0.9, candidates=-1)
     with pytest.raises(ValueError, match="unknown sampler 'beam'"):
         sampling.make_sampler("beam")
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zerosearch_jax.models import KVCache, ModelConfig, extend, init_cache
-from zerosearch_jax.sampling.methods import Greedy
+from zerosearch_jax.sampling.methods import Greedy, per_row_keys
 from zerosearch_jax.tokenizer import StopPattern, Tokenizer
 
 Array = jax.Array
@@ -120,13 +120,12 @@ class _LoopState:
 
 def _sample(sampler, logits: Array, rng: Array, step: Array) -> tuple[Array, Array]:
     """One draw per row at decode step `step`. rng: one key for the batch, or [B] keys (one per
-    row, vmapped), so a row's tokens do not depend on which batch or process it is in."""
-    per_row = rng.ndim == (1 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else 2)
-    if not per_row:
+    row), so a row's tokens do not depend on which batch or process it is in. The sampler sees
+    the whole batch (not a vmap over rows), so its batch-level branches stay branches: the
+    top-p sampler's exact search runs only on steps that need it."""
+    if not per_row_keys(rng):
         return sampler(logits, jax.random.fold_in(rng, step))
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, step)
-    tokens, logprobs = jax.vmap(lambda row, key: sampler(row[None], key))(logits, keys)
-    return tokens[:, 0], logprobs[:, 0]
+    return sampler(logits, jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, step))
 
 
 def decode(config: ModelConfig, params, cache: KVCache, logits: Array, rng: Array, *,
