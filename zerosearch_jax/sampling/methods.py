@@ -188,15 +188,19 @@ class TopP:
         policy = jax.nn.log_softmax(logits / self.temperature, axis=-1)
         u = _draws(rng, logits.shape[0])
         k = min(self.candidates, policy.shape[-1])
-        if self.p >= 1 or k == 0:
+
+        def exact():
             return _invert_cdf(self._truncate(policy), u, policy)
+
+        if self.p >= 1 or k == 0:
+            return exact()
         tokens, logprobs, covered = _nucleus_among_top(policy, u, self.p, k)
 
-        def exact(_):
-            t, lp = _invert_cdf(self._truncate(policy), u, policy)
+        def fallback(_):
+            t, lp = exact()
             return jnp.where(covered, tokens, t), jnp.where(covered, logprobs, lp)
 
-        return jax.lax.cond(jnp.all(covered), lambda _: (tokens, logprobs), exact, None)
+        return jax.lax.cond(jnp.all(covered), lambda _: (tokens, logprobs), fallback, None)
 
 
 def _nucleus_among_top(logp: Array, u: Array, p: float, k: int) -> tuple[Array, Array, Array]:
