@@ -85,6 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 3
     c.checkpoint.keep = 2
+    # A finished pre-RL stage's checkpoints are removed once its hf/ export is written.
+    c.checkpoint.keep_stage_checkpoints = False
     c.export_hf = True  # write the final policy as a HF directory (<workdir>/hf_policy).
     c.max_nonfinite_steps = 3  # consecutive skipped updates before the run stops.
 

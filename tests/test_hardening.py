@@ -4,7 +4,11 @@ orbax checkpoints) and must end in a clear error or a handled, logged outcome.""
 
 import json
 import logging
+import os
+import shutil
 import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +18,7 @@ import pytest
 import requests
 
 from configs import default as default_config
-from zerosearch_jax import agent, checkpoints, inputs, train
+from zerosearch_jax import agent, checkpoints, hooks, inputs, train
 from zerosearch_jax.data import qa
 from zerosearch_jax.search import BM25SearchEngine, Passage, SerpAPIClient
 from zerosearch_jax.search import server as server_lib
@@ -172,6 +176,72 @@ def test_an_intact_step_restores_as_saved(tmp_path):
                                              _abstract(_state(0))) is None
 
 
+def _small_disk(monkeypatch, free: int):
+    """The disk as `shutil.disk_usage` reports it, with `free` bytes left."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=free))
+
+
+def test_a_full_disk_stops_a_save_before_it_writes_and_keeps_the_saved_steps(
+        tmp_path, monkeypatch):
+    manager = _manager(tmp_path / "ckpt")
+    checkpoints.save(manager, 1, _state(1), {"step": 1})
+    _small_disk(monkeypatch, free=checkpoints.state_bytes(_state(2)))  # no room for the margin
+    with pytest.raises(checkpoints.DiskSpaceError, match=r"checkpoint step 2 .* GB free"):
+        checkpoints.save(manager, 2, _state(2), {"step": 2})
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["1"]  # nothing of step 2 was written
+    monkeypatch.undo()
+    step, state, _ = checkpoints.restore_latest_intact(_manager(tmp_path / "ckpt"),
+                                                       _abstract(_state(0)))
+    assert step == 1
+    jax.tree.map(np.testing.assert_array_equal, state, _state(1))
+
+
+_FAILING_SAVE = """
+import resource, signal, sys
+import jax, jax.numpy as jnp
+import orbax.checkpoint as ocp
+from zerosearch_jax import checkpoints
+path = sys.argv[1]
+manager = ocp.CheckpointManager(
+    path, options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True))
+checkpoints.save(manager, 1, {"w": jnp.ones((256, 256))}, {"step": 1})
+# From here a write past 64 KB fails (EFBIG) as it would on a full disk.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+try:
+    # Random values: compression cannot bring them under the limit.
+    w = jax.random.normal(jax.random.key(0), (256, 256))
+    checkpoints.save(manager, 2, {"w": w}, {"step": 2})
+except Exception as e:
+    print("FAILED", type(e).__name__)
+"""
+
+
+def test_a_save_that_fails_part_way_leaves_no_partial_step(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _FAILING_SAVE, str(tmp_path / "ckpt")],
+                          capture_output=True, text=True, timeout=300)
+    assert "FAILED" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["1"]
+    step, state, _ = checkpoints.restore_latest_intact(
+        _manager(tmp_path / "ckpt"), {"w": jax.ShapeDtypeStruct((256, 256), jnp.float32)})
+    assert step == 1 and float(state["w"][0, 0]) == 1.0
+
+
+def test_a_run_without_room_for_its_checkpoints_stops_before_the_loop(tmp_path, monkeypatch):
+    ckpt = hooks.Checkpointer(str(tmp_path), keep=2, every=3)
+    state = _state(1)
+    size = checkpoints.state_bytes(state)
+    # 6 steps saved every 3: two steps kept, 2 x the state; plus a 1 MB export.
+    _small_disk(monkeypatch, free=2 * size + 2**20 + 70 * 2**20)
+    ckpt.require_room(state, start=0, total=6, export_bytes=2**20)
+    _small_disk(monkeypatch, free=2 * size + 2**20)
+    with pytest.raises(checkpoints.DiskSpaceError,
+                       match=r"this run's checkpoints .*checkpoint.keep=2.* final export"):
+        ckpt.require_room(state, start=0, total=6, export_bytes=2**20)
+
+
 # -- the retrieval server -------------------------------------------------------------------
 
 
@@ -282,3 +352,21 @@ def test_the_serpapi_key_never_reaches_the_logs(caplog):
     assert "api_key=***" in caplog.text and "sk-live-secret" not in caplog.text
 
 
+
+
+_FULL_DISK_COMMAND = """
+from zerosearch_jax import checkpoints, cli
+
+def command(config, workdir):
+    checkpoints.require_free_space(workdir, 2**62, "a checkpoint")
+
+cli.run_command(command, "default.py", "run directory")
+"""
+
+
+def test_a_full_disk_is_an_error_line_not_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_COMMAND, f"--workdir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: [Errno 28] not enough disk space for a checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -378,6 +379,34 @@ def test_a_packed_sft_step_equals_the_padded_one(tiny, pack_length, micro):
     diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
         jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params), strict=True))
     assert diff < 1e-5
+
+
+def test_sft_resumes_past_a_damaged_newest_checkpoint_to_the_same_weights(tmp_path, tiny):
+    """A tuning killed after its step-4 checkpoint was damaged resumes from step 2 (the damaged
+    step set aside, as the RL trainer does) and ends with the uninterrupted run's weights."""
+    _, config, params, tok = tiny
+    data, _ = finetune_lib.encode(tok, _examples(4), 256)
+    sc = finetune_lib.SFTConfig(steps=6, batch_size=2, max_length=256, lr=1e-2,
+                                compute_dtype="float32", remat=False, checkpoint_every=2,
+                                keep=3)
+
+    def tune(workdir):
+        return finetune_lib.tune_on_arrays(config, jax.tree.map(jnp.copy, params), data,
+                                           str(workdir), sc, progress=False)
+
+    whole = tune(tmp_path / "whole")
+    tune(tmp_path / "killed")
+    ckpt = tmp_path / "killed" / "checkpoints"
+    shutil.rmtree(ckpt / "6")  # killed before step 6 was saved
+    target = max((p for p in (ckpt / "4" / "state").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 3])
+    resumed = tune(tmp_path / "killed")
+    assert (ckpt / "4.corrupt").exists()
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "killed" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the rows after step 2 were written again, once
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def test_sft_refuses_a_pack_length_shorter_than_an_example(tmp_path, tiny):

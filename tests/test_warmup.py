@@ -158,6 +158,9 @@ def test_warm_up_stage_runs_once_and_rl_starts_from_it(tmp_path, smollm2_tokeniz
     before = json.load(open(stage / "validation_before.json"))  # the untrained policy
     assert {"f1", "em", "cover_em", "searches"} <= set(before)
     assert "format warm-up" in proc.stderr
+    # Exported, so its checkpoints are gone (a re-run reads hf/).
+    assert not (stage / "checkpoints").exists()
+    assert "removed the finished stage's checkpoints" in proc.stderr
     mtime = os.path.getmtime(stage / "demonstrations.json")
     # A longer run in the same workdir resumes RL and reuses the warmed-up policy.
     flags = tiny_run_flags(policy, work, steps=2, **{
@@ -188,6 +191,29 @@ def test_warm_up_stage_runs_once_and_rl_starts_from_it(tmp_path, smollm2_tokeniz
     proc = subprocess.run([sys.executable, "-m", "zerosearch_jax.train", *flags], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "config.stages_dir" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_finished_stage_drops_its_checkpoints_only_once_exported(tmp_path,
+                                                                    smollm2_tokenizer):
+    from configs import default
+    from tests.train_utils import tiny_policy_dir
+    from zerosearch_jax import stages
+
+    export = tiny_policy_dir(tmp_path, smollm2_tokenizer)  # a complete hf/ export
+    c = default.get_config()
+
+    def stage_with_checkpoints(name):
+        (tmp_path / name / "checkpoints" / "3").mkdir(parents=True)
+        (tmp_path / name / "checkpoints" / "3" / "x").write_bytes(b"0" * 4096)
+        return str(tmp_path / name)
+
+    stages.finished(c, stage_with_checkpoints("unexported"), str(tmp_path / "no_export"))
+    assert (tmp_path / "unexported" / "checkpoints" / "3" / "x").exists()
+    stages.finished(c, stage_with_checkpoints("done"), str(export))
+    assert not (tmp_path / "done" / "checkpoints").exists()
+    c.checkpoint.keep_stage_checkpoints = True
+    stages.finished(c, stage_with_checkpoints("kept"), str(export))
+    assert (tmp_path / "kept" / "checkpoints" / "3" / "x").exists()
 
 
 def test_stratified_demonstrations_show_the_second_search_as_often_as_one(world_engine,

@@ -7,12 +7,20 @@ a step that fails to load (a truncated array file, an emptied metadata file) or 
 overwritten with garbage that still reads as numbers) is set aside (renamed `<step>.corrupt`,
 never deleted) with a warning saying why, and the next newest step is tried. Only when no step
 is intact does the restore raise.
+
+A save first checks that the disk has room for the state (`require_free_space`): a full disk
+stops the run with an error that says how much is needed and free, before anything is written,
+and the steps already saved stay as they were. A save that fails part-way anyway (the disk
+filled meanwhile) leaves no partial step behind.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -72,14 +80,74 @@ def verify(state: Any, meta: dict) -> str | None:
     return None
 
 
+class DiskSpaceError(OSError):
+    """The disk holding a run's directory has no room for what the run is about to write."""
+
+
+# Room kept free beyond the estimate: orbax's metadata, the step's JSON, the filesystem's own.
+_MARGIN = 64 * 2**20
+
+
+def state_bytes(tree: Any) -> int:
+    """Bytes this process writes when it saves `tree`: each array once (orbax writes one
+    replica), split evenly over the processes."""
+    total = sum(int(x.nbytes) for x in jax.tree.leaves(tree) if hasattr(x, "nbytes"))
+    return -(-total // jax.process_count())
+
+
+def directory_bytes(path: str) -> int:
+    """Bytes of the files under `path` (0 when it does not exist)."""
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path)
+               for f in files if not os.path.islink(os.path.join(root, f)))
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def require_free_space(directory: str, need: int, what: str) -> None:
+    """Raises `DiskSpaceError` unless the disk holding `directory` (or its nearest existing
+    parent) has `need` bytes free beyond a small margin; the message says what needed them."""
+    path = os.path.abspath(directory)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    free = shutil.disk_usage(path).free
+    if free < need + _MARGIN:
+        raise DiskSpaceError(
+            errno.ENOSPC, f"not enough disk space for {what}: it needs {_gb(need + _MARGIN)}, "
+            f"the disk holding {directory} has {_gb(free)} free. Free some space or point "
+            "--workdir at a larger disk; nothing already saved there was changed")
+
+
 def save(manager, step: int, state: Any, meta: dict) -> None:
-    """Saves `state` and `meta` (plus the state's fingerprint) as `step`, and waits."""
+    """Saves `state` and `meta` (plus the state's fingerprint) as `step`, and waits. Checks
+    the disk's room first (`DiskSpaceError`, nothing written); a save that fails part-way is
+    removed, so the next restore sees only the steps saved before it."""
     import orbax.checkpoint as ocp
 
+    directory = os.fspath(manager.directory)
+    require_free_space(directory, state_bytes(state),
+                       f"checkpoint step {step} in {directory}")
     meta = dict(meta, fingerprint=fingerprint(state))
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                meta=ocp.args.JsonSave(meta)), force=True)
-    manager.wait_until_finished()
+    try:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)), force=True)
+        manager.wait_until_finished()
+    except Exception as e:
+        _remove_partial(manager, step)
+        if "No space left" in str(e) or getattr(e, "errno", None) == errno.ENOSPC:
+            raise DiskSpaceError(errno.ENOSPC, f"the disk filled while checkpoint step {step} "
+                                 f"was written to {directory}; the partial step was removed, "
+                                 f"earlier steps {manager.all_steps()} are intact") from e
+        raise
+
+
+def _remove_partial(manager, step: int) -> None:
+    """Deletes what a failed save of `step` left (orbax's temporary directory) on process 0."""
+    if jax.process_index() == 0:
+        for path in glob.glob(os.path.join(os.fspath(manager.directory), f"{step}.orbax-*")):
+            shutil.rmtree(path, ignore_errors=True)
+    manager.reload()
 
 
 def restore_latest_intact(manager, abstract_state: Any) -> tuple[int, Any, dict] | None:

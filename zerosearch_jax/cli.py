@@ -17,6 +17,8 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from zerosearch_jax import checkpoints
+
 _NOISY_LOGGERS = ("absl", "jax._src", "bm25s", "orbax", "httpx", "urllib3", "matplotlib",
                   "huggingface_hub")
 
@@ -60,7 +62,8 @@ def run_command(command: Callable[[ml_collections.ConfigDict, str | None], int],
     `multi_host`, `--distributed` or `--coordinator_address` / `--num_processes` /
     `--process_id` start `jax.distributed` before anything touches a device.
     `command(config, workdir)` prints its result and returns the exit status; an exception of
-    `errors` is printed as `error: ...` with status 2."""
+    `errors`, or a full disk (`checkpoints.DiskSpaceError`), is printed as `error: ...` with
+    status 2."""
     config_flag = config_flags.DEFINE_config_file(
         "config", os.path.join(CONFIGS_DIR, default_config), "ml_collections config file",
         lock_config=True)
@@ -95,7 +98,7 @@ def run_command(command: Callable[[ml_collections.ConfigDict, str | None], int],
             jax.distributed.initialize()
         try:
             return command(config_flag.value, workdir_flag.value)
-        except errors as e:
+        except (*errors, checkpoints.DiskSpaceError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
 

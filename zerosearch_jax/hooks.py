@@ -50,7 +50,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, keep: int, every: int):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self.every = every
+        self.every, self.keep = every, keep
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True))
 
@@ -67,6 +67,21 @@ class Checkpointer:
         data.restore(meta["data"])
         logger.info("resumed from %s at step %d", self.directory, int(meta["step"]))
         return int(meta["step"]), state
+
+    def require_room(self, state: Any, start: int, total: int, export_bytes: int = 0) -> None:
+        """Fails before the loop (`checkpoints.DiskSpaceError`) when the disk cannot hold what
+        the steps from `start` to `total` will keep: up to `keep` steps plus the one being
+        written (less the steps already there), and `export_bytes` written at the end."""
+        saves = sum(1 for done in range(start + 1, total + 1)
+                    if done % self.every == 0 or done == total)
+        size = checkpoints.state_bytes(state)
+        on_disk = checkpoints.directory_bytes(self.directory)
+        need = max(0, min(self.keep + 1, saves + len(self.manager.all_steps())) * size
+                   - on_disk) + export_bytes
+        checkpoints.require_free_space(
+            self.directory, need, f"this run's checkpoints (steps of {size / 1e9:.2f} GB, "
+            f"checkpoint.keep={self.keep}, {on_disk / 1e9:.2f} GB already saved) and its "
+            f"final export ({export_bytes / 1e9:.2f} GB)")
 
     def maybe_save(self, done: int, total: int, state: Any, data: DataIterator, seed: int,
                    force: bool = False) -> None:

@@ -4,7 +4,10 @@
     simulator_sft/   simulator tuning: the `zerosearch_jax.simulator_sft` pipeline
 
 A stage's complete Hugging Face export (`<stage>/hf`, `models.is_exported`) is its cache: a
-re-run reuses it, and a stage killed part-way resumes from its own checkpoints. A stage runs
+re-run reuses it, and a stage killed part-way resumes from its own checkpoints. Once the export
+is written those checkpoints are removed (they hold the tuned weights again, with the optimizer
+moments: ~1.4 GB a step for SmolLM2-135M, more than half of the default run's disk), unless
+`checkpoint.keep_stage_checkpoints`. A stage runs
 on one host; a multi-host run must be given the exports (the error says how). `stages_dir`
 (config) points every run of a sweep at one finished run's stages: they are read there, never
 run there (points running side by side would race to write them).
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 
@@ -22,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from zerosearch_jax import agent, metrics, models, search
+from zerosearch_jax import agent, checkpoints, metrics, models, search
 from zerosearch_jax.data import qa, synthetic
 from zerosearch_jax.inputs import ConfigError, load_examples
 from zerosearch_jax.simulator_sft import finetune, pipeline
@@ -78,7 +82,23 @@ def tune_simulator(c: ml_collections.ConfigDict, workdir: str,
         sft.simulator = c.simulator.model
         if collect_policy and sft.collect.policy == c.policy:
             sft.collect.policy = collect_policy
-    return pipeline.run(sft, sft_dir)
+    hf_dir = pipeline.run(sft, sft_dir)
+    finished(c, sft_dir, hf_dir)
+    return hf_dir
+
+
+def finished(c: ml_collections.ConfigDict, stage_dir: str, hf_dir: str) -> None:
+    """Removes a finished stage's checkpoints once its export is complete (a re-run reads the
+    export, never them), unless `checkpoint.keep_stage_checkpoints`."""
+    path = os.path.join(stage_dir, "checkpoints")
+    if (c.checkpoint.get("keep_stage_checkpoints", False) or not models.is_exported(hf_dir)
+            or not os.path.isdir(path)):
+        return
+    size = checkpoints.directory_bytes(path)
+    shutil.rmtree(path)
+    logger.info("removed the finished stage's checkpoints (%.2f GB) in %s: its export %s is "
+                "what later runs read (checkpoint.keep_stage_checkpoints=True keeps them)",
+                size / 1e9, path, hf_dir)
 
 
 ValidateFn = Callable[[models.ModelConfig, dict], dict[str, float]]
@@ -125,6 +145,7 @@ def warm_up_policy(c: ml_collections.ConfigDict, workdir: str,
         json.dump({**counts, "seconds": time.perf_counter() - t0,
                    "tokens_per_row": sc.pack_length or sc.max_length,
                    "packed": bool(sc.pack_length)}, f, indent=2)
+    finished(c, stage_dir, hf_dir)
     return hf_dir
 
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from zerosearch_jax import (
     agent,
+    checkpoints,
     curriculum,
     hooks,
     models,
@@ -506,6 +507,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     run = assemble(c, workdir, settings, times)
     ckpt = hooks.Checkpointer(workdir, c.checkpoint.keep, c.checkpoint.every)
     start, state = ckpt.restore(run.state, run.fns.state_sharding, run.data)
+    ckpt.require_room(state, start, c.total_steps,
+                      checkpoints.state_bytes(state.params) if c.export_hf else 0)
     run.state = None  # the loop's `state` is the only live one (the update donates it)
     with MetricsWriter(workdir, enabled=jax.process_index() == 0) as writer:
         writer.truncate_after(start if start else -1)  # killed before a checkpoint: start over

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from zerosearch_jax import models, packing, training
+from zerosearch_jax import checkpoints, models, packing, training
 from zerosearch_jax.data.iterator import DataIterator
 from zerosearch_jax.search.base import QueryContext
 from zerosearch_jax.search.simulator import SimulatorPrompt
@@ -229,12 +229,12 @@ def tune_on_arrays(config: models.ModelConfig, params, data: dict[str, np.ndarra
         options=ocp.CheckpointManagerOptions(max_to_keep=sc.keep, create=True))
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     start = 0
-    if manager.latest_step() is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        state, start = restored["state"], int(restored["meta"]["step"])
-        order.restore(restored["meta"]["data"])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    restored = checkpoints.restore_latest_intact(manager, abstract)
+    if restored is not None:
+        _, state, meta = restored
+        start = int(meta["step"])
+        order.restore(meta["data"])
         writer.truncate_after(start)
         logger.info("%s resumed at step %d", desc, start)
 
@@ -249,9 +249,6 @@ def tune_on_arrays(config: models.ModelConfig, params, data: dict[str, np.ndarra
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
         done = step + 1
         if done % sc.checkpoint_every == 0 or done == sc.steps:
-            manager.save(done, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave({"step": done, "data": order.state()})), force=True)
-            manager.wait_until_finished()
+            checkpoints.save(manager, done, state, {"step": done, "data": order.state()})
     writer.close()
     return state.params
