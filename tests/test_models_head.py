@@ -86,3 +86,61 @@ def test_head_logprobs_entropy_bfloat16_inputs_keep_float32_gradients():
     # bf16 products with f32 accumulation: within bf16's ~3 significant digits of the f32 path.
     for got, want in zip((gh, gw), exact, strict=True):
         np.testing.assert_allclose(got, want, atol=3e-2 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("n_valid", [0, 3, 4, 9, 13])
+def test_head_skips_the_chunks_after_n_valid(n_valid):
+    """With n_valid, the chunks holding positions < n_valid are computed as without it (values
+    and gradients), the chunks after them are 0 and add nothing to either gradient."""
+    k = jax.random.split(jax.random.key(5), 5)
+    B, T, E, V, chunk = 2, 13, 8, 37, 4
+    hidden, head = jax.random.normal(k[0], (B, T, E)), jax.random.normal(k[1], (V, E))
+    targets = jax.random.randint(k[2], (B, T), 0, V)
+    g_logp, g_ent = jax.random.normal(k[3], (B, T)), jax.random.normal(k[4], (B, T))
+    computed = -(-n_valid // chunk) * chunk  # whole chunks
+    keep = (jnp.arange(T) < computed)[None]
+
+    def objective(**kw):
+        def f(h, w):
+            lp, ent = models.head_logprobs_entropy(h, w, targets, jnp.float32, 1.0, chunk, **kw)
+            return (lp * g_logp * keep + ent * g_ent * keep).sum(), (lp, ent)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+
+    (_, (lp, ent)), grads = objective(n_valid=jnp.int32(n_valid))(hidden, head)
+    (_, (lp_all, ent_all)), want = objective()(hidden, head)
+    for got, full in ((lp, lp_all), (ent, ent_all)):
+        np.testing.assert_allclose(got[:, :computed], full[:, :computed], atol=1e-5)
+        np.testing.assert_array_equal(got[:, computed:], 0.0)
+    for got, w in zip(grads, want, strict=True):
+        np.testing.assert_allclose(got, w, atol=1e-4)
+
+
+def test_policy_logprobs_on_the_needed_positions_only():
+    """`needed` (a loss mask) gives the same entries there, values and gradients of a masked
+    loss, and 0 elsewhere; a row without needed positions is all 0."""
+    from zerosearch_jax import training
+
+    config = models.tiny_config("llama", vocab_size=50, hidden_size=32, intermediate_size=64,
+                                num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    params = models.init_params(config, 0)
+    B, T = 3, 300  # several 128-position chunks
+    tokens = jax.random.randint(jax.random.key(1), (B, T), 0, 50)
+    mask = jnp.ones((B, T), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    needed = (jax.random.uniform(jax.random.key(2), (B, T)) < 0.2).astype(jnp.float32)
+    needed = needed.at[2].set(0.0).at[:, 0].set(0.0)
+    adv = jax.random.normal(jax.random.key(3), (B, T))
+
+    def loss(p, **kw):
+        lp, ent = training.policy_logprobs(config, p, tokens, mask, positions, dtype=jnp.float32,
+                                           **kw)
+        return ((lp * adv + 0.1 * ent) * needed).sum(), (lp, ent)
+
+    (_, (lp, ent)), g = jax.jit(jax.value_and_grad(
+        lambda p: loss(p, needed=needed), has_aux=True))(params)
+    (_, (lp_all, ent_all)), g_all = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    on = needed > 0
+    for got, full in ((lp, lp_all), (ent, ent_all)):
+        np.testing.assert_allclose(got[on], full[on], atol=1e-5)
+        np.testing.assert_array_equal(got[~on], 0.0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g, g_all)

@@ -167,7 +167,8 @@ def hidden_states(config: models.ModelConfig, params, tokens, attention_mask, po
 def policy_logprobs(config: models.ModelConfig, params, tokens: Array, attention_mask: Array,
                     positions: Array, temperature: float = 1.0, remat: bool = False,
                     dtype=None, segment_ids: Array | None = None,
-                    prefix_ids: Array | None = None) -> tuple[Array, Array]:
+                    prefix_ids: Array | None = None,
+                    needed: Array | None = None) -> tuple[Array, Array]:
     """(log p(tokens[t] | tokens[<t]) [B, T], entropy of that distribution [B, T]), float32.
 
     Entry 0 of both is 0 (nothing predicts the first token). dtype: matmul input dtype.
@@ -175,6 +176,11 @@ def policy_logprobs(config: models.ModelConfig, params, tokens: Array, attention
     its own episode only; an episode's first entry then holds a prediction from the episode
     before it, which no loss reads (it is a prompt token). prefix_ids [B, T]: the segment of a
     shared prompt each token also attends to (`packing.plan`), 0 for none.
+
+    needed [B, T] (a loss mask: nonzero where the caller reads an entry): the LM head runs on
+    those positions only (`models.compact_positions`) and every other entry is 0. A loss
+    reads a fraction of a row (in an RL batch the policy's tokens, not the prompt or the
+    inserted documents), and the head is ~a fifth of a small model's matmul work.
     """
     hidden = hidden_states(config, params, tokens, attention_mask, positions, remat, dtype,
                            segment_ids, prefix_ids)
@@ -182,8 +188,19 @@ def policy_logprobs(config: models.ModelConfig, params, tokens: Array, attention
     # Position t predicts token t + 1; the last position predicts nothing (its target is a
     # dummy and its value is shifted out).
     targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+    dtype = jnp.dtype(dtype or head.dtype)
+    if needed is None:
+        logp, entropy = models.head_logprobs_entropy(hidden, head, targets, dtype,
+                                                     float(temperature))
+        return shift_right(logp), shift_right(entropy)
+    # Entry t of the output is position t - 1's prediction.
+    wanted = jnp.pad(needed[:, 1:] != 0, ((0, 0), (0, 1)))
+    order, inverse, n_valid = models.compact_positions(wanted)
     logp, entropy = models.head_logprobs_entropy(
-        hidden, head, targets, jnp.dtype(dtype or head.dtype), float(temperature))
+        models.permute(hidden, order, inverse), head, jnp.take_along_axis(targets, order, 1),
+        dtype, float(temperature), n_valid=n_valid)
+    logp, entropy = (jnp.where(wanted, models.permute(x, inverse, order), 0.0)
+                     for x in (logp, entropy))
     return shift_right(logp), shift_right(entropy)
 
 
@@ -198,7 +215,7 @@ def masked_token_nll(config: models.ModelConfig, params, batch: dict, *, remat: 
     """
     logp, _ = policy_logprobs(config, params, batch["tokens"], batch.get("attention_mask"),
                               batch["positions"], remat=remat, dtype=dtype,
-                              segment_ids=batch.get("segment"))
+                              segment_ids=batch.get("segment"), needed=batch["loss_mask"])
     nll = -(logp * batch["loss_mask"]).sum()
     count = batch["loss_mask"].sum()
     return nll, count

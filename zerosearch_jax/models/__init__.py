@@ -8,8 +8,10 @@
 
 from zerosearch_jax.models.config import ConfigError, ModelConfig, RopeScaling, tiny_config
 from zerosearch_jax.models.head import (
+    compact_positions,
     entropy_from_logits,
     head_logprobs_entropy,
+    permute,
     shifted_logprobs,
     token_logprobs,
 )
@@ -44,9 +46,9 @@ from zerosearch_jax.models.weights import (
 __all__ = [
     "DEFAULT_MODEL", "EMBEDDED_MODELS", "ConfigError", "GGUFSource", "KVCache", "ModelConfig",
     "RopeScaling", "SafetensorsSource", "Transformer", "WeightsError", "assemble_params",
-    "cache_logical_axes", "causal_attention_mask", "entropy_from_logits", "extend", "forward",
-    "hf_tensors", "init_cache", "init_params", "is_exported", "load_pretrained",
-    "param_logical_axes", "param_shapes", "positions_from_mask", "head_logprobs_entropy",
-    "head_weight", "project_logits", "read_hf_config", "resolve_model", "save_pretrained",
-    "shifted_logprobs", "tiny_config", "token_logprobs",
+    "cache_logical_axes", "causal_attention_mask", "compact_positions", "entropy_from_logits",
+    "extend", "forward", "hf_tensors", "init_cache", "init_params", "is_exported",
+    "load_pretrained", "param_logical_axes", "param_shapes", "positions_from_mask",
+    "head_logprobs_entropy", "head_weight", "permute", "project_logits", "read_hf_config",
+    "resolve_model", "save_pretrained", "shifted_logprobs", "tiny_config", "token_logprobs",
 ]

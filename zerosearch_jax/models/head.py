@@ -17,6 +17,11 @@ YNNPACK reduce fusions, which take plain sums, ran them ~2.5x slower); matmul in
 to `dtype` inside the VJP with float32 accumulation, so float32 master weights get float32
 gradients.
 
+A loss reads a fraction of the positions (an RL batch's policy tokens: ~18% of a packed row
+in the default job). `compact_positions` orders each row's needed positions first and
+`permute` gathers them (its gradient the inverse gather); with `n_valid` the kernel then skips
+every chunk past them, in both passes.
+
 `token_logprobs`, `shifted_logprobs` and `entropy_from_logits` are the same quantities from
 materialized logits [B, T, V] (the reference the kernel is tested against, and for callers
 that already hold logits).
@@ -94,7 +99,8 @@ def _head_unchunk(y: Array, T: int) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def head_logprobs_entropy(hidden: Array, head: Array, targets: Array, dtype=jnp.bfloat16,
-                          temperature: float = 1.0, chunk: int = 128) -> tuple[Array, Array]:
+                          temperature: float = 1.0, chunk: int = 128,
+                          n_valid: Array | None = None) -> tuple[Array, Array]:
     """Token log-probs and entropies of the LM head's distribution, without materializing the
     [B, T, V] logits.
 
@@ -113,15 +119,40 @@ def head_logprobs_entropy(hidden: Array, head: Array, targets: Array, dtype=jnp.
     logits -> log-softmax -> entropy graph this trades one extra head matmul for several
     fewer passes over [B, T, V] arrays and a much smaller peak (the full float32 logits of a
     4 x 256 batch of a 49k vocabulary are 200 MB, kept for the backward pass, several times).
+
+    n_valid (a traced int scalar): only the first n_valid positions are wanted; the chunks
+    after the one holding position n_valid - 1 are skipped in both passes (their outputs are
+    0 and they add nothing to the gradients). `compact_positions` moves the positions a loss
+    reads to the front, so the head runs on those and not on prompts and inserted documents.
     """
-    out, _ = _head_fwd(hidden, head, targets, dtype, temperature, chunk)
+    out, _ = _head_fwd(hidden, head, targets, dtype, temperature, chunk, n_valid)
     return out
 
 
-def _head_fwd(hidden, head, targets, dtype, temperature, chunk):
+def _chunks_used(n: int, chunk: int, n_valid) -> Array:
+    return jnp.clip((jnp.asarray(n_valid, jnp.int32) + chunk - 1) // chunk, 0, n)
+
+
+def _map_chunks(fn, xs, n_used):
+    """lax.map(fn, xs) over the first n_used chunks (all with n_used None); the outputs of the
+    chunks after them are zeros."""
+    if n_used is None:
+        return jax.lax.map(fn, xs)
+    shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], xs))
+    zeros = jax.tree.map(lambda a: jnp.zeros((xs[0].shape[0], *a.shape), a.dtype), shapes)
+
+    def body(i, acc):
+        out = fn(jax.tree.map(lambda x: x[i], xs))
+        return jax.tree.map(lambda a, o: a.at[i].set(o), acc, out)
+
+    return jax.lax.fori_loop(0, n_used, body, zeros)
+
+
+def _head_fwd(hidden, head, targets, dtype, temperature, chunk, n_valid):
     T = hidden.shape[1]
     hs, _ = _head_chunks(hidden, chunk)
     ts, _ = _head_chunks(targets.astype(jnp.int32), chunk)
+    n_used = None if n_valid is None else _chunks_used(hs.shape[0], chunk, n_valid)
 
     def one(args):
         h, t = args
@@ -137,12 +168,12 @@ def _head_fwd(hidden, head, targets, dtype, temperature, chunk):
         picked = jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0]
         return picked - lse, lse, sz / s
 
-    logp, lse, ez = (_head_unchunk(y, T) for y in jax.lax.map(one, (hs, ts)))
-    return (logp, lse - ez), (hidden, head, targets, lse, ez)
+    logp, lse, ez = (_head_unchunk(y, T) for y in _map_chunks(one, (hs, ts), n_used))
+    return (logp, lse - ez), (hidden, head, targets, lse, ez, n_used)
 
 
 def _head_bwd(dtype, temperature, chunk, residuals, cotangents):
-    hidden, head, targets, lse, ez = residuals
+    hidden, head, targets, lse, ez, n_used = residuals
     g_logp, g_ent = cotangents
     T = hidden.shape[1]
     hs, _ = _head_chunks(hidden, chunk)
@@ -163,9 +194,59 @@ def _head_bwd(dtype, temperature, chunk, residuals, cotangents):
                                      preferred_element_type=jnp.float32)
         return d_head, dh
 
-    d_head, dh = jax.lax.scan(one, jnp.zeros(head.shape, jnp.float32), (hs, ts, *gs))
+    d_head0 = jnp.zeros(head.shape, jnp.float32)
+    if n_used is None:
+        d_head, dh = jax.lax.scan(one, d_head0, (hs, ts, *gs))
+    else:  # the skipped chunks have zero gradients
+        def body(i, carry):
+            d_head, dh = carry
+            d_head, dh_i = one(d_head, tuple(x[i] for x in (hs, ts, *gs)))
+            return d_head, dh.at[i].set(dh_i)
+
+        d_head, dh = jax.lax.fori_loop(0, n_used, body,
+                                       (d_head0, jnp.zeros(hs.shape, jnp.float32)))
     dh = dh.swapaxes(0, 1).reshape(hidden.shape[0], -1, hidden.shape[-1])[:, :T]
-    return dh.astype(hidden.dtype), d_head.astype(head.dtype), None
+    return dh.astype(hidden.dtype), d_head.astype(head.dtype), None, None
+
+
+@jax.custom_vjp
+def _permute(x: Array, order: Array, inverse: Array) -> Array:
+    """x [B, T, ...] with each row's positions in `order` [B, T] (a permutation; `inverse` its
+    inverse). A custom VJP so the backward pass is the inverse gather, not a scatter-add."""
+    return _take(x, order)
+
+
+def _take(x, index):
+    return jnp.take_along_axis(x, index.reshape(*index.shape, *(1,) * (x.ndim - 2)), axis=1)
+
+
+def _permute_fwd(x, order, inverse):
+    return _take(x, order), inverse
+
+
+def _permute_bwd(inverse, g):
+    return _take(g, inverse), None, None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+def compact_positions(needed: Array) -> tuple[Array, Array, Array]:
+    """needed [B, T] bool -> (order, inverse [B, T] int32, n_valid scalar): `order` puts each
+    row's needed positions first, in their order (the rest after them), `inverse` undoes it,
+    and n_valid is the largest count of needed positions in a row. With
+    `permute(x, order)` and `n_valid`, the head kernel computes only what is needed;
+    `permute(out, inverse)` puts the results back."""
+    order = jnp.argsort(jnp.logical_not(needed).astype(jnp.int32), axis=1,
+                        stable=True).astype(jnp.int32)
+    inverse = jnp.argsort(order, axis=1).astype(jnp.int32)
+    return order, inverse, needed.sum(axis=1).max().astype(jnp.int32)
+
+
+def permute(x: Array, order: Array, inverse: Array) -> Array:
+    """x [B, T, ...] with row b's position t taken from order[b, t] (`compact_positions`); its
+    gradient is gathered back through `inverse`."""
+    return _permute(x, order, inverse)
 
 
 head_logprobs_entropy.defvjp(_head_fwd, _head_bwd)

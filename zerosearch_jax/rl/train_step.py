@@ -175,16 +175,16 @@ class Scored:
     old_values: Array | None = None
 
 
-def _packed_map(fn: Callable, layout: packing.Layout, tokens: Array, positions: Array) -> Array:
-    """fn(tokens, positions, segment_ids, prefix_ids) [R, L] -> [R, L] over the layout's score
-    micro-batches in use, scattered back to the batch's [B, T]."""
+def _packed_map(fn: Callable, layout: packing.Layout, tokens: Array, positions: Array,
+                mask: Array) -> Array:
+    """fn(tokens, positions, segment_ids, prefix_ids, mask) [R, L] -> [R, L] over the layout's
+    score micro-batches in use, scattered back to the batch's [B, T]."""
     index, segment, prefix = layout.score_index, layout.score_segment, layout.score_prefix
-    tok = packing.gather(tokens, index, segment)
-    pos = packing.gather(positions, index, segment)
+    tok, pos, msk = (packing.gather(x, index, segment) for x in (tokens, positions, mask))
     out = jnp.zeros(index.shape, jnp.float32)
 
     def body(i, out):
-        return out.at[i].set(fn(tok[i], pos[i], segment[i], prefix[i]))
+        return out.at[i].set(fn(tok[i], pos[i], segment[i], prefix[i], msk[i]))
 
     return packing.unpack(jax.lax.fori_loop(0, layout.score_used, body, out), layout)
 
@@ -200,15 +200,14 @@ def score_batch(config: models.ModelConfig, uc: UpdateConfig, params, ref_params
     """
     dtype = uc.compute_dtype
     layout = jax.tree.map(jnp.asarray, layout)  # a host plan works too, outside jit
-    seq = (batch["tokens"], batch["positions"])
-
-    def logp_fn(p):
-        return _packed_map(lambda t, pos, seg, pre: training.policy_logprobs(
-            config, p, t, None, pos, uc.temperature, dtype=dtype, segment_ids=seg,
-            prefix_ids=pre)[0], layout, *seq)
-
     mask = batch["loss_mask"] if uc.mask_observations else response_mask(
         batch["loss_mask"], batch["attention_mask"])
+    seq = (batch["tokens"], batch["positions"], mask)
+
+    def logp_fn(p):  # read under the loss mask only: the head runs on its positions
+        return _packed_map(lambda t, pos, seg, pre, m: training.policy_logprobs(
+            config, p, t, None, pos, uc.temperature, dtype=dtype, segment_ids=seg,
+            prefix_ids=pre, needed=m)[0], layout, *seq)
     ref = logp_fn(ref_params if ref_params is not None else params)
     old = logp_fn(params) if uc.needs_old_logprobs else None
     token_kl = jnp.zeros_like(mask)
@@ -217,7 +216,7 @@ def score_batch(config: models.ModelConfig, uc: UpdateConfig, params, ref_params
         token_kl = algo.get_kl_estimator(uc.loss.kl_estimator)(current, ref) * mask
     values = None
     if critic_params is not None:
-        values = _packed_map(lambda t, pos, seg, pre: critic_values(
+        values = _packed_map(lambda t, pos, seg, pre, _: critic_values(
             config, critic_params, t, None, pos, dtype=dtype, segment_ids=seg, prefix_ids=pre),
             layout, *seq)
     estimator = algo.get_advantage_estimator(uc.advantage_estimator)
@@ -271,7 +270,8 @@ def update(config: models.ModelConfig, uc: UpdateConfig, actor_opt, critic_opt,
     def actor_loss(params, mb, count):
         logp, entropy = training.policy_logprobs(
             config, params, mb["tokens"], None, mb["positions"], uc.temperature, remat=uc.remat,
-            dtype=uc.compute_dtype, segment_ids=mb["segment"], prefix_ids=mb["prefix"])
+            dtype=uc.compute_dtype, segment_ids=mb["segment"], prefix_ids=mb["prefix"],
+            needed=mb["loss_mask"])
         use_ref = uc.loss.use_kl_loss or uc.kl_in_reward
         old = mb["old_logprobs"] if "old_logprobs" in mb else jax.lax.stop_gradient(logp)
         total, _, metrics = algo.ppo_actor_loss(
