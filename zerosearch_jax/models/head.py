@@ -210,9 +210,10 @@ def _head_bwd(dtype, temperature, chunk, residuals, cotangents):
 
 
 @jax.custom_vjp
-def _permute(x: Array, order: Array, inverse: Array) -> Array:
-    """x [B, T, ...] with each row's positions in `order` [B, T] (a permutation; `inverse` its
-    inverse). A custom VJP so the backward pass is the inverse gather, not a scatter-add."""
+def permute(x: Array, order: Array, inverse: Array) -> Array:
+    """x [B, T, ...] with row b's position t taken from order[b, t], a permutation of each row
+    (`compact_positions`) whose inverse is `inverse`. A custom VJP so the gradient is the
+    inverse gather, not a scatter-add."""
     return _take(x, order)
 
 
@@ -228,25 +229,19 @@ def _permute_bwd(inverse, g):
     return _take(g, inverse), None, None
 
 
-_permute.defvjp(_permute_fwd, _permute_bwd)
+permute.defvjp(_permute_fwd, _permute_bwd)
 
 
 def compact_positions(needed: Array) -> tuple[Array, Array, Array]:
     """needed [B, T] bool -> (order, inverse [B, T] int32, n_valid scalar): `order` puts each
     row's needed positions first, in their order (the rest after them), `inverse` undoes it,
-    and n_valid is the largest count of needed positions in a row. With
-    `permute(x, order)` and `n_valid`, the head kernel computes only what is needed;
-    `permute(out, inverse)` puts the results back."""
+    and n_valid is the largest count of needed positions in a row. The head kernel on
+    `permute(x, order, inverse)` with `n_valid` computes only what is needed;
+    `permute(out, inverse, order)` puts the results back."""
     order = jnp.argsort(jnp.logical_not(needed).astype(jnp.int32), axis=1,
                         stable=True).astype(jnp.int32)
     inverse = jnp.argsort(order, axis=1).astype(jnp.int32)
     return order, inverse, needed.sum(axis=1).max().astype(jnp.int32)
-
-
-def permute(x: Array, order: Array, inverse: Array) -> Array:
-    """x [B, T, ...] with row b's position t taken from order[b, t] (`compact_positions`); its
-    gradient is gathered back through `inverse`."""
-    return _permute(x, order, inverse)
 
 
 head_logprobs_entropy.defvjp(_head_fwd, _head_bwd)
