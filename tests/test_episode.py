@@ -100,6 +100,54 @@ def test_sampled_rows_wander_and_both_forms_agree(tok, simulator):
     assert ((batch.logprobs != 0) <= (batch.loss_mask > 0)).all()
 
 
+def test_rows_that_left_the_episode_do_not_run(tok, simulator, monkeypatch):
+    """A policy turn and an observation insert run on the rows still in the episode, gathered
+    into half the batch when they fit, and leave every row as the whole batch would: the same
+    tokens, log-probs and next logits for the rows that run, the same cache."""
+    config, params = scripted_policy(tok, margin=4.0)
+    rc = dataclasses.replace(RC, samples_per_prompt=4)
+    spec, inputs, _ = episode._prepare(config, tok, _examples(), simulator, rc,
+                                       sampling.TopP(0.95), jax.random.key(0), None, None,
+                                       None, 0, None)
+    B = 8
+    on = np.array([1, 0, 0, 1, 0, 0, 1, 0], bool)  # 3 of 8 rows still in the episode
+    rng = np.random.default_rng(0)
+    chunk = rng.integers(0, tok.vocab_size, (B, rc.max_obs_tokens)).astype(np.int32)
+    chunk_mask = np.zeros_like(chunk, bool)
+    chunk_mask[on, -12:] = True  # left-padded chunks on those rows only
+
+    def run():
+        jax.clear_caches()
+        logits, cache = episode._jitted(episode.prefill, False)(
+            spec, params, inputs.prompt_ids, inputs.prompt_mask)
+        out, length, cache = episode._jitted(episode.policy_turn, True)(
+            spec, 1, params, cache, logits, inputs.row_keys, ~on)
+        logits, cache = episode._jitted(episode.insert, True)(spec, 1, params, cache, chunk,
+                                                              chunk_mask)
+        return jax.device_get((out, length, logits, cache))
+
+    subset = run()
+    monkeypatch.setattr(episode, "_subset_sizes", lambda spec, B: [B])  # the whole batch
+    whole = run()
+    jax.clear_caches()
+    (o1, n1, l1, c1), (o2, n2, l2, c2) = subset, whole
+    assert n1[on].min() > 0 and (n1[~on] == 0).all()
+    np.testing.assert_array_equal(o1.tokens, o2.tokens)
+    np.testing.assert_array_equal(n1, n2)
+    np.testing.assert_allclose(o1.logprobs, o2.logprobs, atol=1e-5)
+    np.testing.assert_allclose(l1[on], l2[on], atol=1e-4)
+    np.testing.assert_array_equal(c1.key_mask, c2.key_mask)
+    np.testing.assert_array_equal(c1.next_position, c2.next_position)
+    assert int(c1.index) == int(c2.index)
+    for a, b in zip(c1.k + c1.v, c2.k + c2.v, strict=True):  # the slots in use
+        a, b = (np.asarray(x if x.dtype != np.uint16 else
+                           jax.lax.bitcast_convert_type(x, jax.numpy.bfloat16), np.float32)
+                for x in (a, b))
+        mask = c1.key_mask[:, None, :, None]
+        np.testing.assert_allclose(np.where(mask, a[:, :, :mask.shape[2]], 0),
+                                   np.where(mask, b[:, :, :mask.shape[2]], 0), atol=2e-2)
+
+
 def test_invalid_turns_get_the_message_until_max_turns(tok, simulator):
     config = tiny_config(tok.vocab_size)  # a random policy never closes a tag
     (batch, stats), stepped = _both(tok, (config, models.init_params(config, 2)), simulator,

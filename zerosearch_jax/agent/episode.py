@@ -20,7 +20,10 @@ needs the host. The program, per turn (the turn loop is unrolled; `max_turns` is
     ... then the final turn, and the [B, T] batch the learner reads (`EpisodeTokens`).
 
 The host sees only the finished batch: it decodes the turns for the F1 reward and the logs.
-A GRPO group's prompt is prefilled once and its cache copied to the group's samples.
+A GRPO group's prompt is prefilled once and its cache copied to the group's samples. A row
+that has answered leaves the batch's work: the simulator, a later policy turn and an
+observation insert run on the rows still in the episode, gathered into half the batch when
+they fit (`lax.switch` over the two sizes).
 
 Every piece is a pure function of static settings (`EpisodeSpec`) and arrays. `run` jits their
 composition as one program; `run_stepped` calls the same pieces one jitted call at a time from
@@ -323,11 +326,35 @@ def policy_turn(spec: EpisodeSpec, turn: int, params, cache, logits, keys, done)
     used = spec.prompt_length + turn * (spec.max_new_tokens + spec.obs_cap)
     first = cache.index
     turn_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, turn)
-    out, cache = sampling.decode(
-        spec.policy, params, cache, logits, turn_keys, sampler=spec.sampler,
-        max_new_tokens=spec.max_new_tokens, stop=spec.policy_stop, done=done,
-        kv_length=spec.window(used, spec.max_new_tokens), placement=spec.placement)
-    B = out.lengths.shape[0]
+    B, N = logits.shape[0], spec.max_new_tokens
+
+    def turn_of(size):
+        """Decode the first `size` rows of the active-first order (each row's draws depend on
+        its own logits and key only, so a row samples alike in any subset)."""
+        def run(cache):
+            decode = functools.partial(
+                sampling.decode, spec.policy, params, sampler=spec.sampler, max_new_tokens=N,
+                stop=spec.policy_stop, kv_length=spec.window(used, N), placement=spec.placement)
+            if size == B:
+                return decode(cache, logits, turn_keys, done=done)
+            rows = jnp.argsort(done, stable=True)[:size]
+            out, sub = decode(_take_rows(spec, cache, rows), logits[rows], turn_keys[rows],
+                              done=done[rows])
+            full = sampling.GenerationOutput(
+                tokens=jnp.full((B, N), spec.policy_stop.pad_id, jnp.int32).at[rows].set(
+                    out.tokens),
+                logprobs=jnp.zeros((B, N), jnp.float32).at[rows].set(out.logprobs),
+                lengths=jnp.zeros((B,), jnp.int32).at[rows].set(out.lengths),
+                stopped=jnp.zeros((B,), bool).at[rows].set(out.stopped))
+            return full, _put_rows(spec, cache, rows, sub)
+        return run
+
+    # Later turns run with the rows still in the episode only (after the first search most
+    # rows answer), gathered into half the batch when they fit. The first turn has every row
+    # (a second program there would only cost compile time).
+    sizes = _subset_sizes(spec, B) if turn else [B]
+    out, cache = jax.lax.switch(jnp.maximum(_subset_branch(sizes, ~done) - 1, 0),
+                                [turn_of(s) for s in sizes], cache)
     rows = jnp.arange(B)
     last = jnp.maximum(out.lengths - 1, 0)
     eos = (~done & (out.lengths > 0)
@@ -457,11 +484,9 @@ def simulate(spec: EpisodeSpec, turn: int, params, turn_tokens: Array, query_sta
 
     # The simulator runs on the searching rows only, gathered into the smallest batch that holds
     # them (half the rollout's, or all of it); a turn with no search costs nothing.
-    shards = 1 if spec.placement is None else spec.placement.batch_shards
-    sizes = [s for s in (B // 2, B) if s >= 1 and s % shards == 0 and (s == B or B % 2 == 0)]
-    count = searching.sum()
-    branch = jnp.where(count == 0, 0, 1 + jnp.searchsorted(jnp.asarray(sizes), count))
-    tokens, lengths = jax.lax.switch(branch, [nothing] + [generate(s) for s in sizes])
+    sizes = _subset_sizes(spec, B)
+    tokens, lengths = jax.lax.switch(_subset_branch(sizes, searching),
+                                     [nothing] + [generate(s) for s in sizes])
     # Clean-up: a trailing EOS, or the `Doc {topk+1}` that stopped it, is not a document.
     last = jnp.maximum(lengths - 1, 0)
     eos = (lengths > 0) & jnp.isin(tokens[rows, last], jnp.asarray(spec.eos_ids, jnp.int32))
@@ -469,6 +494,32 @@ def simulate(spec: EpisodeSpec, turn: int, params, turn_tokens: Array, query_sta
     doc_cut = jnp.where(eos, 1, jnp.where(hit[rows, last], cut[rows, last], 0))
     doc_len = jnp.where(searching, jnp.maximum(lengths - doc_cut, 0), 0)
     return tokens, doc_len, useful & searching
+
+
+def _subset_sizes(spec: EpisodeSpec, B: int) -> list[int]:
+    """The batch sizes a row subset runs at: half the rollout's rows, or all of them (each a
+    multiple of the batch shards, so every device gets the same number of rows)."""
+    shards = 1 if spec.placement is None else spec.placement.batch_shards
+    return [s for s in (B // 2, B) if s >= 1 and s % shards == 0 and (s == B or B % 2 == 0)]
+
+
+def _take_rows(spec: EpisodeSpec, cache, rows: Array):
+    """The policy cache of `rows` (the shared write index kept)."""
+    return _constrain(spec, spec.policy, jax.tree.map(
+        lambda x: x if x.ndim == 0 else x[rows], cache))
+
+
+def _put_rows(spec: EpisodeSpec, cache, rows: Array, sub):
+    """`cache` with `rows` replaced by `sub` (`_take_rows`'s, advanced): the other rows' slots
+    of the advance stay masked, as a masked chunk would leave them."""
+    return _constrain(spec, spec.policy, jax.tree.map(
+        lambda x, y: y if x.ndim == 0 else x.at[rows].set(y), cache, sub))
+
+
+def _subset_branch(sizes: list[int], on: Array) -> Array:
+    """`lax.switch` index: 0 when no row is `on`, else 1 + the smallest size that holds them."""
+    count = on.sum()
+    return jnp.where(count == 0, 0, 1 + jnp.searchsorted(jnp.asarray(sizes), count))
 
 
 def query_window(spec: EpisodeSpec, turn_tokens: Array, query_start: Array,
@@ -522,19 +573,38 @@ def observe(spec: EpisodeSpec, kind: Array, docs: Array, doc_len: Array):
 
 def insert(spec: EpisodeSpec, turn: int, params, cache, chunk: Array, chunk_mask: Array):
     """Appends each row's observation chunk to the policy cache -> (next logits [B, V], cache).
+
+    A row without a chunk has answered (or stopped): its next logits are never read, and its
+    slots of this chunk stay masked as an empty chunk would leave them. So, as for the
+    simulator, after the first turn only the rows with a chunk run, gathered into half the
+    batch when they fit (a second search is made by about a third of the rows in the
+    default's rollouts).
     """
     used = spec.prompt_length + (turn + 1) * spec.max_new_tokens + turn * spec.obs_cap
+    B, V = chunk.shape[0], spec.policy.vocab_size
+    on = chunk_mask.any(axis=1)
+    window = spec.window(used, spec.obs_cap)
 
-    def extend(cache):
-        logits, cache = models.extend(spec.policy, params, chunk, chunk_mask, cache,
-                                      last_only=True, kv_length=spec.window(used, spec.obs_cap))
-        return logits, _constrain(spec, spec.policy, cache)
+    def extend(size):
+        def run(cache):
+            if size == B:
+                logits, cache = models.extend(spec.policy, params, chunk, chunk_mask, cache,
+                                              last_only=True, kv_length=window)
+                return logits, _constrain(spec, spec.policy, cache)
+            rows = jnp.argsort(~on, stable=True)[:size]
+            logits, sub = models.extend(spec.policy, params, chunk[rows], chunk_mask[rows],
+                                        _take_rows(spec, cache, rows), last_only=True,
+                                        kv_length=window)
+            return (jnp.zeros((B, V), jnp.float32).at[rows].set(logits),
+                    _put_rows(spec, cache, rows, sub))
+        return run
 
     def nothing(cache):  # every row has answered: their next logits are never read
-        B, V = chunk.shape[0], spec.policy.vocab_size
         return jnp.zeros((B, V), jnp.float32), cache
 
-    return jax.lax.cond(chunk_mask.any(), extend, nothing, cache)
+    sizes = _subset_sizes(spec, B) if turn else [B]  # after the first turn, as policy_turn
+    return jax.lax.switch(_subset_branch(sizes, on), [nothing] + [extend(s) for s in sizes],
+                          cache)
 
 
 def assemble(spec: EpisodeSpec, inputs: EpisodeInputs, turns, observations):
