@@ -340,12 +340,9 @@ def policy_turn(spec: EpisodeSpec, turn: int, params, cache, logits, keys, done)
             rows = jnp.argsort(done, stable=True)[:size]
             out, sub = decode(_take_rows(spec, cache, rows), logits[rows], turn_keys[rows],
                               done=done[rows])
-            full = sampling.GenerationOutput(
-                tokens=jnp.full((B, N), spec.policy_stop.pad_id, jnp.int32).at[rows].set(
-                    out.tokens),
-                logprobs=jnp.zeros((B, N), jnp.float32).at[rows].set(out.logprobs),
-                lengths=jnp.zeros((B,), jnp.int32).at[rows].set(out.lengths),
-                stopped=jnp.zeros((B,), bool).at[rows].set(out.stopped))
+            full = jax.tree.map(lambda x: _scatter_rows(B, rows, x), out)
+            full = full.replace(tokens=_scatter_rows(B, rows, out.tokens,
+                                                     spec.policy_stop.pad_id))
             return full, _put_rows(spec, cache, rows, sub)
         return run
 
@@ -475,8 +472,8 @@ def simulate(spec: EpisodeSpec, turn: int, params, turn_tokens: Array, query_sta
                                      sampler=spec.sim_sampler, max_new_tokens=M,
                                      stop=spec.sim_stop, done=~on, placement=spec.placement,
                                      banned=banned)
-            tokens = jnp.full((B, M), spec.pad_id, jnp.int32).at[rows_].set(out.tokens)
-            return tokens, jnp.zeros((B,), jnp.int32).at[rows_].set(out.lengths)
+            return (_scatter_rows(B, rows_, out.tokens, spec.pad_id),
+                    _scatter_rows(B, rows_, out.lengths))
         return run
 
     def nothing():
@@ -501,6 +498,11 @@ def _subset_sizes(spec: EpisodeSpec, B: int) -> list[int]:
     multiple of the batch shards, so every device gets the same number of rows)."""
     shards = 1 if spec.placement is None else spec.placement.batch_shards
     return [s for s in (B // 2, B) if s >= 1 and s % shards == 0 and (s == B or B % 2 == 0)]
+
+
+def _scatter_rows(B: int, rows: Array, x: Array, fill=0) -> Array:
+    """A subset's per-row result x [size, ...] back in a batch of B rows, `fill` elsewhere."""
+    return jnp.full((B, *x.shape[1:]), fill, x.dtype).at[rows].set(x)
 
 
 def _take_rows(spec: EpisodeSpec, cache, rows: Array):
@@ -595,8 +597,7 @@ def insert(spec: EpisodeSpec, turn: int, params, cache, chunk: Array, chunk_mask
             logits, sub = models.extend(spec.policy, params, chunk[rows], chunk_mask[rows],
                                         _take_rows(spec, cache, rows), last_only=True,
                                         kv_length=window)
-            return (jnp.zeros((B, V), jnp.float32).at[rows].set(logits),
-                    _put_rows(spec, cache, rows, sub))
+            return _scatter_rows(B, rows, logits), _put_rows(spec, cache, rows, sub)
         return run
 
     def nothing(cache):  # every row has answered: their next logits are never read
