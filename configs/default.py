@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
     # engine answers a repeated query alike). Upstream (False) draws a new coin and page per
     # call, so the simulator rewards searching the same query twice.
     c.rollout.reuse_repeated_queries = False
+    # A GRPO group's searches at one turn share their useful/noisy coin (common random
+    # numbers); False = upstream, a coin per call.
+    c.rollout.group_coins = False
 
     c.warmup = warmup()
     c.simulator = simulator(c)

@@ -315,3 +315,32 @@ def test_a_repeated_query_gets_its_first_documents_on_every_path(tok, simulator)
                      agent.rollout(*policy, tok, _examples(), simulator, rollout_config=RC,
                                    sampler=sampling.Greedy(), rng=0)):
         assert any(again.documents != first.documents for first, again in fresh.calls)
+
+
+def test_group_coins_give_a_group_one_coin_per_turn_on_every_path(tok, simulator):
+    """`group_coins`: the two episodes of a group get the same useful/noisy coin at each turn
+    (in one program, stepped and in the host loop, which flip the same coins from the same
+    keys); over a few rollouts both kinds of coin come up, and without the option the
+    episodes of some group draw differently."""
+    policy = scripted_policy(tok, repeat_search=True)
+    shared = dataclasses.replace(RC, group_coins=True)
+
+    def coins(stats):  # [row][turn] -> useful
+        return [[c.useful for c in row] for row in stats.calls]
+
+    seen, apart = set(), False
+    for rng in range(4):
+        one, stepped = _both(tok, policy, simulator, sampling.Greedy(), rng=rng, rc=shared)
+        _assert_same(one, stepped)
+        _, host = agent.rollout(*policy, tok, _examples(), simulator, rollout_config=shared,
+                                sampler=sampling.Greedy(), rng=rng)
+        assert coins(one[1]) == coins(host)
+        c = coins(host)
+        assert [len(row) for row in c] == [2] * 4
+        assert c[0] == c[1] and c[2] == c[3], c
+        seen.update(u for row in c for u in row)
+        (_, own), _ = _both(tok, policy, simulator, sampling.Greedy(), rng=rng)
+        c = coins(own)
+        apart |= c[0] != c[1] or c[2] != c[3]
+    assert seen == {True, False}
+    assert apart

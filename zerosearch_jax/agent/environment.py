@@ -23,10 +23,11 @@ demonstrations with the same pieces.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from zerosearch_jax import sampling
@@ -58,6 +59,11 @@ class RolloutConfig:
     # call: a real engine answers a repeated query alike, while upstream's simulator flips a
     # new coin and writes a new page, which rewards searching the same query twice.
     reuse_repeated_queries: bool = False
+    # The episodes of one GRPO group share each turn's useful/noisy coin (common random
+    # numbers): the group's k-th searches all get useful pages or all noisy ones, so what
+    # separates the group's rewards is what each episode did, not which coin it drew. False
+    # (upstream): every call flips its own coin. Engines without a coin ignore it.
+    group_coins: bool = False
 
     def __post_init__(self):
         for name in ("samples_per_prompt", "max_new_tokens", "max_obs_tokens",
@@ -208,19 +214,22 @@ def take_actions(texts: dict[int, str], final: bool, counters: EpisodeCounters) 
 
 
 def search(engine: SearchEngine, actions: TurnActions, rows: Sequence[QAExample], turn: int,
-           counters: EpisodeCounters, reuse_repeated: bool = False) -> dict[int, str]:
+           counters: EpisodeCounters, reuse_repeated: bool = False,
+           coins: Mapping[int, bool] | None = None) -> dict[int, str]:
     """Sends the turn's queries to `engine` in one call, each with its row's question and gold
     answers (`rows[i]`); records every call. With `reuse_repeated`, a query its row already
     searched (same text) is answered with that call's documents and coin, not sent.
-    -> row -> information block."""
+    coins: row -> its forced useful/noisy coin (`RolloutConfig.group_coins`); rows not in it
+    leave the coin to the engine. -> row -> information block."""
     earlier = {}
     if reuse_repeated:
         earlier = {k: c for k, i in enumerate(actions.search_rows)
                    for c in counters.calls[i] if c.ok and c.query == actions.queries[k]}
     sent = [k for k in range(len(actions.search_rows)) if k not in earlier]
+    coins = coins or {}
     results = engine.search([actions.queries[k] for k in sent], contexts=[
-        QueryContext(rows[actions.search_rows[k]].question,
-                     rows[actions.search_rows[k]].golden_answers) for k in sent]) if sent else []
+        QueryContext(rows[i].question, rows[i].golden_answers, useful=coins.get(i))
+        for i in (actions.search_rows[k] for k in sent)]) if sent else []
     answers = dict(zip(sent, results, strict=True))
     observations = {}
     for k, (i, query) in enumerate(zip(actions.search_rows, actions.queries, strict=True)):
@@ -236,6 +245,17 @@ def search(engine: SearchEngine, actions: TurnActions, rows: Sequence[QAExample]
         counters.useful_calls[i] += useful is True
         counters.noisy_calls[i] += useful is False
     return observations
+
+
+def coin_keys(row_keys: Array, turn, samples: int | None = None) -> Array:
+    """[B] PRNG keys of each row's useful/noisy coin at `turn` (uniform > p_noise: useful);
+    with `samples`, every row of a group (rows grouped: row r in group r // samples) gets its
+    group's first row's (`RolloutConfig.group_coins`). The in-graph rollout flips every coin
+    with these; the host loop only the shared ones (its engine flips the others)."""
+    if samples is not None:
+        row_keys = row_keys[(jnp.arange(row_keys.shape[0]) // samples) * samples]
+    fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
+    return fold(fold(row_keys, turn), 1)
 
 
 def prompt_ids(tokenizer: Tokenizer, question: str, chat_template: bool = True) -> list[int]:

@@ -58,6 +58,7 @@ from zerosearch_jax.agent.environment import (
     RolloutBatch,
     SearchCall,
     checked_prompt_ids,
+    coin_keys,
 )
 from zerosearch_jax.agent.template import INVALID_ACTION, STOP_TAGS
 from zerosearch_jax.search.base import NO_INFORMATION
@@ -149,6 +150,7 @@ class EpisodeSpec:
     response_length: int  # R of the returned batch
     placement: Any = None  # sharding.Placement of the rollout (policy and simulator) or None
     reuse_repeated_queries: bool = False  # RolloutConfig's: a repeated query's old documents
+    group_coins: bool = False  # RolloutConfig's: a group's rows share each turn's coin
 
     @classmethod
     def make(cls, tokenizer: Tokenizer, policy: models.ModelConfig,
@@ -187,7 +189,7 @@ class EpisodeSpec:
             prompt_length=prompt_length, question_length=question_length,
             answer_length=answer_length, batch_prompt_length=max(P, prompt_length),
             response_length=R, placement=placement,
-            reuse_repeated_queries=rc.reuse_repeated_queries)
+            reuse_repeated_queries=rc.reuse_repeated_queries, group_coins=rc.group_coins)
 
     @property
     def cache_length(self) -> int:
@@ -428,13 +430,14 @@ def simulate(spec: EpisodeSpec, turn: int, params, turn_tokens: Array, query_sta
              query_len: Array, searching: Array, inputs: EpisodeInputs):
     """The simulator's documents for the rows `searching`: -> (docs [B, M], doc_len [B],
     useful [B]). Each row flips its coin (useful iff uniform > p_noise) and samples from keys
-    of its own (row, turn)."""
+    of its own (row, turn); with `spec.group_coins` the coin is its group's first row's, so
+    a group's rows share it."""
     B = turn_tokens.shape[0]
     rows = jnp.arange(B)
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(inputs.row_keys, turn)
-    coin_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 1)
+    coins = coin_keys(inputs.row_keys, turn, spec.samples if spec.group_coins else None)
     sim_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 2)
-    useful = jax.vmap(jax.random.uniform)(coin_keys) > inputs.noise
+    useful = jax.vmap(jax.random.uniform)(coins) > inputs.noise
     ids, mask = simulator_prompts(spec, turn_tokens, query_start, query_len, useful, inputs)
     L = spec.sim_prompt_length
     mask = mask.at[:, -1].set(mask[:, -1] | ~searching)  # idle rows: one dummy token

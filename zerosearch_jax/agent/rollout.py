@@ -53,6 +53,7 @@ from zerosearch_jax.agent.environment import (
     TurnActions,
     assemble_batch,
     checked_prompt_ids,
+    coin_keys,
     observation_ids,
     search,
     take_actions,
@@ -272,8 +273,15 @@ def _observe(loop: _Loop, state: _State, turn: int, actions: TurnActions) -> Non
     observations = dict(actions.observations)
     if actions.queries:
         t0 = time.perf_counter()
+        coins = None
+        if loop.rc.group_coins and isinstance(loop.engine, NoiseControlled):
+            # The in-graph rollout's coins (same keys): a group's rows share their turn's.
+            keys = coin_keys(loop.row_keys, turn, loop.rc.samples_per_prompt)
+            useful = np.asarray(jax.vmap(jax.random.uniform)(keys)) > np.float32(
+                loop.engine.noise_probability)
+            coins = {i: bool(useful[i]) for i in actions.search_rows}
         observations.update(search(loop.engine, actions, loop.rows, turn, state.counters,
-                                   loop.rc.reuse_repeated_queries))
+                                   loop.rc.reuse_repeated_queries, coins))
         state.timings["search_s"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
