@@ -47,11 +47,17 @@ RANDOM_SHAPES = {
         model_type="qwen2", vocab_size=151936, hidden_size=2048, intermediate_size=11008,
         num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6,
         rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=32768),
+    # Two layers of SmolLM2's kind: the CPU smoke run of device_checks.sh (tests).
+    "tiny": dict(
+        model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-5,
+        rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192),
 }
 
 
-def load_model(name: str):
-    """(config, bfloat16 params) of `--model`: a loadable model, or random:<RANDOM_SHAPES key>."""
+def load_model(name: str, init: bool = True):
+    """(config, bfloat16 params) of `--model`: a loadable model, or random:<RANDOM_SHAPES key>
+    (params None unless `init`)."""
     if not name.startswith("random:"):
         return models.load_pretrained(name, dtype=jnp.bfloat16)
     shape = name.split(":", 1)[1]
@@ -59,7 +65,7 @@ def load_model(name: str):
         raise SystemExit(f"--model {name}: unknown shape {shape!r}; known: "
                          f"{', '.join(sorted(RANDOM_SHAPES))}")
     config = models.ModelConfig.from_hf_dict(RANDOM_SHAPES[shape], source=name)
-    return config, models.init_params(config, 0, dtype=jnp.bfloat16)
+    return config, models.init_params(config, 0, dtype=jnp.bfloat16) if init else None
 
 
 def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:

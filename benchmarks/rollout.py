@@ -17,20 +17,37 @@ against the host loop. Engines: `host`, the text-level host loop (`agent.rollout
 baseline and for external engines), with its split by phase; `in_graph`, the whole rollout as
 one program (`agent.episode.rollout`); `stepped`, the in-graph pieces called one at a time.
 `--sim-batch 0` lets the host loop's simulator batch follow each turn's number of searches.
+
+Where no trained model can be loaded (an accelerator machine without the hub), `--policy
+scripted:<shape>` is the tests' scripted policy (tests/scripted_policy.py: it searches once,
+reads the page and answers) at a `decode.py` shape, and `--simulator random:<shape>` random
+weights, which write every page to its cap as the tuned simulator's pages do in the default;
+`--tokenizer` names a tokenizer directory (e.g. a `save_pretrained` export) for both. A
+shape's vocabulary is cut to the tokenizer's, so that every sampled token decodes (for
+qwen2.5-3b the LM head reads 49152 of its 151936 rows: 0.10B parameters instead of 0.31B of
+3.09B; the scripted policy's head is its own, untied, matrix).
+`benchmarks/device_checks.sh` runs these on an accelerator in one call. `--json` writes
+the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import json
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks import decode  # noqa: E402
+from tests.scripted_policy import scripted_policy  # noqa: E402
 from zerosearch_jax import agent, models, sampling, search  # noqa: E402
 from zerosearch_jax.data import synthetic  # noqa: E402
 from zerosearch_jax.tokenizer import Tokenizer  # noqa: E402
@@ -46,10 +63,29 @@ def decode_rate(config, params, batch: int, new_tokens: int) -> float:
     return batch * new_tokens / (time.perf_counter() - t)
 
 
-def main():
+def load(name: str, tokenizer: Tokenizer):
+    """(config, bfloat16 params) of `--policy` / `--simulator`: a loadable model, or
+    random:<shape> / scripted:<shape> (`decode.RANDOM_SHAPES`, the vocabulary cut to the
+    tokenizer's)."""
+    kind, _, shape = name.partition(":")
+    if kind not in ("random", "scripted"):
+        return models.load_pretrained(name, dtype=jnp.bfloat16)
+    config, _ = decode.load_model(f"random:{shape}", init=False)
+    config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
+    if kind == "scripted":  # sure of its script even when sampled over the whole vocabulary
+        return scripted_policy(tokenizer, margin=30.0, config=config, dtype=jnp.bfloat16)
+    return config, models.init_params(config, 0, dtype=jnp.bfloat16)
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policy", default=models.DEFAULT_MODEL)
-    ap.add_argument("--simulator", default=models.DEFAULT_MODEL)
+    ap.add_argument("--policy", default=models.DEFAULT_MODEL,
+                    help="a model to load, or scripted:<shape> / random:<shape>")
+    ap.add_argument("--simulator", default=models.DEFAULT_MODEL,
+                    help="a model to load, or random:<shape>")
+    ap.add_argument("--tokenizer", default=None,
+                    help="default: the policy's (the embedded model's for a shape)")
+    ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--questions", type=int, default=4)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-turns", type=int, default=2)
@@ -64,13 +100,20 @@ def main():
     ap.add_argument("--engines", default="host,in_graph",
                     help="comma-separated: host (the text-level host loop), stepped (the "
                          "in-graph pieces, one jitted call each), in_graph (one program)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     B = args.questions * args.samples
-    tok = Tokenizer.from_pretrained(args.policy)
-    config, params = models.load_pretrained(args.policy, dtype=jnp.bfloat16)
-    sim_config, sim_params = models.load_pretrained(args.simulator, dtype=jnp.bfloat16)
-    sim = search.LLMSimulator(sim_config, sim_params, Tokenizer.from_pretrained(args.simulator),
+
+    def tokenizer_of(name):
+        if args.tokenizer:
+            return Tokenizer.from_pretrained(args.tokenizer)
+        return Tokenizer.from_pretrained(models.DEFAULT_MODEL if ":" in name else name)
+
+    tok = tokenizer_of(args.policy)
+    config, params = load(args.policy, tok)
+    sim_tok = tokenizer_of(args.simulator)
+    sim_config, sim_params = load(args.simulator, sim_tok)
+    sim = search.LLMSimulator(sim_config, sim_params, sim_tok,
                               max_new_tokens=args.sim_new_tokens, noise_probability=args.noise,
                               batch_size=B if args.sim_batch < 0 else args.sim_batch)
     questions = synthetic.build_world().questions("train")[: args.questions]
@@ -87,7 +130,8 @@ def main():
         "stepped": functools.partial(agent.episode.rollout, stepped=True),
         "in_graph": agent.episode.rollout,  # one program per rollout
     }
-    medians = {}
+    medians, results = {}, {"episodes": B, "policy": args.policy, "simulator": args.simulator,
+                            "decode_tokens_per_s": rate, "engines": {}}
     for name in args.engines.split(","):
         runs = []
         for r in range(args.repeats + 1):
@@ -105,6 +149,10 @@ def main():
         f1 = statistics.mean(float(s.f1.mean()) for _, s, _ in steady)
         all_rate = (policy_tokens + sim_tokens) / total
         medians[name] = (total, all_rate)
+        results["engines"][name] = dict(
+            seconds=[t for t, _, _ in runs], episodes_per_s=B / total,
+            policy_tokens=policy_tokens, simulator_tokens=sim_tokens, engine_calls=searches,
+            tokens_per_s=all_rate, share_of_decode=all_rate / rate)
         print(f"[{name}]")
         print("  seconds per rollout  " + " ".join(f"{t:.1f}" for t, _, _ in runs)
               + "   (the first compiles)")
@@ -124,6 +172,10 @@ def main():
             if name != "host":
                 print(f"{name} / host: {medians['host'][0] / total:.2f}x episodes/s, "
                       f"{all_rate / medians['host'][1]:.2f}x tokens/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
 
 
 if __name__ == "__main__":

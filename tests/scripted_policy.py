@@ -8,9 +8,14 @@ Its next token depends only on the current one, through a chain written into the
 ("?" is a `>`-initial token other than `>` itself, so the two chains never share a bigram.)
 The attention and MLP write nothing, so the residual stream is the token's embedding and the
 logits are a lookup. `margin` sets how sure it is: large is deterministic even when sampling,
-small lets sampled rows wander off the script.
+small lets sampled rows wander off the script. Any model shape can carry the script (every
+layer still runs, at that shape's cost): `benchmarks/rollout.py --policy scripted:<shape>`
+times the rollout with it where no trained policy can be loaded (an accelerator machine).
 """
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,11 +59,18 @@ def script(tokenizer, repeat_search: bool = False) -> dict[int, int]:
 
 
 def scripted_policy(tokenizer, margin: float = 10.0, seed: int = 0,
-                    repeat_search: bool = False):
-    """(config, params) of the bigram policy (`script`'s chain)."""
+                    repeat_search: bool = False, config: models.ModelConfig | None = None,
+                    dtype=jnp.float32):
+    """(config, params) of the bigram policy (`script`'s chain): `tiny_config`'s shape, or
+    `config`'s (its vocabulary at least the tokenizer's; tied embeddings are untied, since
+    the chain needs its own head), params in `dtype`."""
     V = tokenizer.vocab_size
-    config = tiny_config(V)
-    params = models.init_params(config, seed)
+    config = config or tiny_config(V)
+    if config.vocab_size < V:
+        raise ValueError(f"vocab_size {config.vocab_size} < the tokenizer's {V}")
+    config = dataclasses.replace(config, tie_word_embeddings=False)
+    V = config.vocab_size
+    params = models.init_params(config, seed, dtype=dtype)
     chain = script(tokenizer, repeat_search)
     tokens = sorted(set(chain) | set(chain.values()))
     slot = {t: i for i, t in enumerate(tokens)}
@@ -73,10 +85,11 @@ def scripted_policy(tokenizer, margin: float = 10.0, seed: int = 0,
         emb[a, slot[a]] = 1.0
         head[b, slot[a]] = margin / np.sqrt(E)  # RMSNorm scales the one-hot by sqrt(E)
     params = dict(params)
-    params["embedder"] = {"embedding": jnp.asarray(emb)}
-    params["lm_head"] = {"weight": jnp.asarray(head)}
-    layer = dict(params["layer_0"])
-    layer["attn"] = dict(layer["attn"], o_weight=jnp.zeros_like(layer["attn"]["o_weight"]))
-    layer["mlp"] = dict(layer["mlp"], down=jnp.zeros_like(layer["mlp"]["down"]))
-    params["layer_0"] = layer
-    return config, params
+    params["embedder"] = {"embedding": jnp.asarray(emb, dtype)}
+    params["lm_head"] = {"weight": jnp.asarray(head, dtype)}
+    for i in range(config.num_layers):
+        layer = dict(params[f"layer_{i}"])
+        layer["attn"] = dict(layer["attn"], o_weight=jnp.zeros_like(layer["attn"]["o_weight"]))
+        layer["mlp"] = dict(layer["mlp"], down=jnp.zeros_like(layer["mlp"]["down"]))
+        params[f"layer_{i}"] = layer
+    return config, jax.tree.map(jnp.asarray, params)

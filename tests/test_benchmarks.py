@@ -3,6 +3,10 @@ change (a tiny model here; the benchmarks load SmolLM2-135M), and decode.py's ra
 shapes must stay the models they name."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -57,3 +61,27 @@ def test_decode_benchmarks_random_shapes_are_the_published_models(smollm2_gguf):
     assert round(count / 1e9, 2) == 3.09 and qwen.qkv_bias and qwen.tie_word_embeddings
     with pytest.raises(SystemExit, match="unknown shape 'gpt-9'"):
         decode.load_model("random:gpt-9")
+
+
+def test_device_checks_script_runs_at_a_tiny_shape(tmp_path, smollm2_tokenizer):
+    """benchmarks/device_checks.sh, prepared for an accelerator machine, runs as it will there
+    (a tokenizer directory, scripted policy, random simulator, JSON figures in $OUT) at a
+    two-layer shape on the CPU: a break in it would otherwise show only when a device is lent."""
+    smollm2_tokenizer.save_pretrained(str(tmp_path / "tok"))
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), SHAPES="tiny", BATCHES="2", REPEATS="1",
+               JAX_PLATFORMS="cpu", TOKENIZER=str(tmp_path / "tok"), PYTHON=sys.executable)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(["bash", os.path.join(root, "benchmarks", "device_checks.sh")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "device_checks: exit 0" in (out / "device_checks.log").read_text()
+    decode_rows = json.loads((out / "decode_tiny.json").read_text())["rows"]
+    assert [r["batch"] for r in decode_rows] == [2] and decode_rows[0]["step_ms"] > 0
+    rollout = json.loads((out / "rollout_tiny.json").read_text())
+    assert rollout["episodes"] == 16 and set(rollout["engines"]) == {"host", "in_graph"}
+    for engine in rollout["engines"].values():
+        # The scripted policy searches once and answers; the random simulator writes pages.
+        assert engine["engine_calls"] == 1.0, engine
+        assert engine["policy_tokens"] > 0 and engine["simulator_tokens"] > 0
+        assert engine["episodes_per_s"] > 0 and len(engine["seconds"]) == 2
