@@ -245,6 +245,10 @@ def simulator(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # docs/simulator_sft.md). 384 tokens hold every prompt + target whole (at 320 over half the
     # targets lost their last documents, so the model rarely saw a page end).
     s.sft.finetune.answer_weight = 8.0
+    # The newlines that end documents and the page's end-of-turn token weigh 8x too: without
+    # it ~1 noisy page in 10 ran one document on until the cap (a repetition loop), under the
+    # 0.90 format validity the job asks of its simulator (docs/simulator_sft.md).
+    s.sft.finetune.boundary_weight = 8.0
     s.sft.finetune.max_length = 384
     s.sft.report.num_queries = 32
     # The prompted base model's row (1.5 min on 32 queries) is the ablations' prompted-simulator

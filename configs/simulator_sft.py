@@ -69,6 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Loss weight of the gold answer's tokens in useful targets (1: plain NLL; see
     # docs/simulator_sft.md).
     c.finetune.answer_weight = 1.0
+    # The loss weight of the tokens that end a document or the page (1: the plain loss).
+    c.finetune.boundary_weight = 1.0
     c.finetune.checkpoint_every = 20
     c.finetune.keep = 2
 

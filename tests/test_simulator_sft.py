@@ -524,3 +524,29 @@ def test_collecting_by_the_question_alone_needs_no_policy(tmp_path):
     assert len(records) == 6 and len(pairs) == 6
     assert all([call["source"] for call in r["calls"]] == ["question"] for r in records)
     assert [p.query for p in pairs] == [r["question"] for r in records]
+
+
+def test_boundary_weight_weighs_the_ends_of_documents_and_of_the_page(tiny):
+    """`boundary_weight`: in every target, the four newlines between five `Doc k:` lines and
+    the closing end-of-turn token, and nothing else; a cut target keeps its newlines but has
+    no end-of-turn token to weigh."""
+    _, _, _, tok = tiny
+    examples = _examples(2)
+    plain, _ = finetune_lib.encode(tok, examples, 256)
+    weighted, _ = finetune_lib.encode(tok, examples, 256, boundary_weight=3.0)
+    for i, e in enumerate(examples):
+        ids = weighted["tokens"][i]
+        changed = weighted["loss_mask"][i] != plain["loss_mask"][i]
+        assert set(weighted["loss_mask"][i][changed].tolist()) == {3.0}
+        assert e["target"].count("\n") == 4
+        assert [tok.decode([t]) for t in ids[changed][:-1]] == ["\n"] * 4
+        assert ids[changed][-1] == tok.eos_ids[0]
+    both, _ = finetune_lib.encode(tok, examples, 256, answer_weight=5.0, boundary_weight=3.0)
+    assert set(both["loss_mask"][0].tolist()) == {0.0, 1.0, 3.0, 5.0}  # the answer's, the ends'
+    # Cut two tokens short of its end-of-turn token: the last newline is still weighed.
+    prompt_len = int(plain["loss_mask"][0].argmax())
+    n = int(plain["attention_mask"][0].sum())
+    short, cut = finetune_lib.encode(tok, examples[:1], n - 2, boundary_weight=3.0)
+    assert cut == 1 and (short["loss_mask"][0, prompt_len:] == 3.0).sum() == 4
+    with pytest.raises(ValueError, match="boundary_weight"):
+        finetune_lib.SFTConfig(boundary_weight=0.5)

@@ -121,7 +121,8 @@ class Tokenizer:
     # -- agent tags --------------------------------------------------------------------------
 
     @functools.cached_property
-    def _token_strings(self) -> list[str]:
+    def token_strings(self) -> list[str]:
+        """Each id's text on its own ([vocab_size])."""
         return [self.hf.decode([i]) for i in range(self.vocab_size)]
 
     @functools.cache  # noqa: B019 (one tokenizer per run; cache lives with it)
@@ -132,7 +133,7 @@ class Tokenizer:
         at the start); the first position accepts any token ending with the first piece and the
         last position any token starting with the last piece (`>` or `>\\n`, for instance).
         """
-        strings = self._token_strings
+        strings = self.token_strings
         seen: dict[tuple[str, ...], None] = {}
         for ctx in ("x", "x ", "x\n", "", "x."):
             ids = self.encode(ctx + tag)

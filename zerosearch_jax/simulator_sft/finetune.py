@@ -54,6 +54,10 @@ class SFTConfig:
     # The loss is a weighted mean, so a weight w makes each answer token count as w target
     # tokens: the one fact a useful page must carry is learnt first (docs/simulator_sft.md).
     answer_weight: float = 1.0
+    # The loss weight of the tokens that end a document (the newline before `Doc k+1:`) and
+    # the page (the end-of-turn token), in every target: where the model decides that a
+    # document is as long as the engine's (its cut passages) and that the page has `topk`.
+    boundary_weight: float = 1.0
     checkpoint_every: int = 100
     keep: int = 2
     seed: int = 0
@@ -64,8 +68,9 @@ class SFTConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.answer_weight >= 1.0:
-            raise ValueError(f"answer_weight must be >= 1, got {self.answer_weight}")
+        for name in ("answer_weight", "boundary_weight"):
+            if not getattr(self, name) >= 1.0:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.pack_length < 0 or self.micro_batch_size < 0:
             raise ValueError(f"pack_length and micro_batch_size must be >= 0, got "
                              f"{self.pack_length} and {self.micro_batch_size}")
@@ -94,14 +99,17 @@ def answer_spans(target: Sequence[int], answers: Sequence[Sequence[int]]) -> np.
 
 
 def encode(tokenizer, examples: Sequence[dict], max_length: int,
-           answer_weight: float = 1.0) -> tuple[dict, int]:
+           answer_weight: float = 1.0, boundary_weight: float = 1.0) -> tuple[dict, int]:
     """Right-padded training arrays and the number of examples whose target was cut.
 
     Returns {tokens, attention_mask, positions, loss_mask}: [N, max_length] arrays; loss_mask
     is 1 on target tokens (and the closing end-of-turn token), `answer_weight` on the tokens
     of a useful target's gold answer (the one its prompt names, spelled as
-    `SimulatorPrompt.answer_bans` spells it).
+    `SimulatorPrompt.answer_bans` spells it), `boundary_weight` on the tokens that end a
+    document or the page (a token holding a newline, the end-of-turn token).
     """
+    newline = [i for i, s in enumerate(tokenizer.token_strings) if "\n" in s] \
+        if boundary_weight != 1.0 else []
     N, T = len(examples), max_length
     tokens = np.full((N, T), tokenizer.pad_id, np.int32)
     loss_mask = np.zeros((N, T), np.float32)
@@ -116,6 +124,7 @@ def encode(tokenizer, examples: Sequence[dict], max_length: int,
         else:  # a record with only its prompt text
             prompt = tokenizer.encode(tokenizer.chat_prompt(e["prompt"], system=""))
         target = tokenizer.encode(e["target"]) + [tokenizer.eos_ids[0]]
+        full = len(target)
         if len(prompt) >= T:
             raise ValueError(f"example {e.get('id')!r}: its prompt alone has {len(prompt)} "
                              f"tokens, more than finetune.max_length={T}")
@@ -126,6 +135,10 @@ def encode(tokenizer, examples: Sequence[dict], max_length: int,
         tokens[i, :len(ids)] = ids
         attention[i, :len(ids)] = True
         loss_mask[i, len(prompt):len(ids)] = 1.0
+        if boundary_weight != 1.0:
+            ends = np.isin(target, newline)
+            ends[-1] |= len(target) == full  # the end-of-turn token, unless cut off
+            loss_mask[i, len(prompt):len(ids)][ends] = boundary_weight
         if answer_weight != 1.0 and e.get("label") == "useful" and e.get("golden_answers"):
             spans = answer_spans(target, SimulatorPrompt.answer_bans(tokenizer,
                                                                      e["golden_answers"]))
@@ -187,7 +200,7 @@ def run_finetune(config: models.ModelConfig, params, tokenizer, examples: Sequen
     `<workdir>/metrics.jsonl`. Returns the tuned parameters."""
     if not examples:
         raise ValueError("no SFT examples to tune on")
-    data, cut = encode(tokenizer, examples, sc.max_length, sc.answer_weight)
+    data, cut = encode(tokenizer, examples, sc.max_length, sc.answer_weight, sc.boundary_weight)
     if cut:
         logger.warning("%d of %d targets were cut to fit finetune.max_length=%d", cut,
                        len(examples), sc.max_length)
