@@ -162,8 +162,8 @@ def sft_step(config: models.ModelConfig, sc: SFTConfig, optimizer, state: traini
     batch: tokens, attention_mask, positions, loss_mask [B, T]; layout: `sc.plan` of its
     attention mask. The gradient is summed over the layout's micro-batches in use (packed or one
     example a row) and divided once by the step's target-token count (loss_mask's sum: answer
-    tokens count `answer_weight` times), so it does not depend on
-    the packing.
+    tokens count `answer_weight` times, document ends `boundary_weight`), so it does not
+    depend on the packing.
     """
     dtype = jnp.dtype(sc.compute_dtype)
     layout = jax.tree.map(jnp.asarray, layout)  # a host plan works too, outside jit
