@@ -15,7 +15,6 @@ times the rollout with it where no trained policy can be loaded (an accelerator 
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -92,4 +91,4 @@ def scripted_policy(tokenizer, margin: float = 10.0, seed: int = 0,
         layer["attn"] = dict(layer["attn"], o_weight=jnp.zeros_like(layer["attn"]["o_weight"]))
         layer["mlp"] = dict(layer["mlp"], down=jnp.zeros_like(layer["mlp"]["down"]))
         params[f"layer_{i}"] = layer
-    return config, jax.tree.map(jnp.asarray, params)
+    return config, params
