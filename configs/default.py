@@ -262,6 +262,11 @@ def simulator(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # useful ones (docs/simulator_sft.md), so without this the noise curriculum changes nothing.
     s.block_answer = True
     s.sft.report.block_answer = s.get_ref("block_answer")  # the report measures what RL uses
+    # A two-hop question's first-hop query (one that names none of its bridge entity's names)
+    # gets a page for the bridge, not the final answer, as the real engine's would
+    # (`search.simulator.hop_context`; the host loop only). Upstream tells the simulator the
+    # final answer whatever the query (False).
+    s.hop_answers = False
     s.max_new_tokens = 128  # upstream: 600. The policy sees at most
     # rollout.max_obs_tokens = 128 of a page (documents are cut from the end), so more is waste.
     s.temperature = 0.8

@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.simulator.max_new_tokens = 256  # per simulated result page (upstream: 600).
     c.simulator.prime_reply = True  # start the reply with "Doc 1:" (small prompted models).
     c.simulator.block_answer = False  # noisy pages may not complete the gold answer's tokens.
+    c.simulator.hop_answers = False  # a two-hop question's first hop gets its bridge's page.
 
     # -- generation -----------------------------------------------------------------------------
     c.batch_size = 32  # questions per generation batch (padded to 2/4/8/multiples of 8).

@@ -118,6 +118,8 @@ def test_jsonl_roundtrip_and_answer_keys(tmp_path):
         ('{"question": "   ", "golden_answers": ["a"]}', "question"),
         ('{"question": "q?", "golden_answers": []}', "gold answers"),
         ('{"question": "q?"}', "gold answers"),
+        ('{"question": "q?", "golden_answers": ["a"], "bridge_answers": "B"}', "bridge_answers"),
+        ('{"question": "q?", "golden_answers": ["a"], "bridge_answers": [""]}', "bridge_answers"),
     ],
 )
 def test_jsonl_malformed_row_raises_with_file_and_line(tmp_path, bad_line, reason):

@@ -44,6 +44,7 @@ from zerosearch_jax.search import (
     SimulatorServerClient,
     clean_simulator_output,
     format_documents,
+    hop_context,
     make_engine,
     simulator_prompt,
 )
@@ -235,6 +236,48 @@ def test_coin_flip_follows_noise_probability(smollm2_tokenizer, tiny_lm):
     sim.noise_probability = 0.0
     forced = sim.search(["a"], contexts=[dataclasses.replace(CTX_A, useful=False)])
     assert forced[0].metadata["useful"] is False
+
+
+def test_hop_answers_give_a_first_hop_query_the_bridge_and_a_second_the_answer(
+        smollm2_tokenizer, tiny_lm):
+    # The synthetic world's multi-hop questions know their bridge: its names are in the first
+    # supporting passage (what the real engine returns for the question's subject) and title
+    # the second; single-hop questions have none.
+    world = build_world(WorldConfig(seed=0))
+    examples = world.questions("validation")
+    multi = [ex for ex in examples if ex.data_source == "synthetic_multi"]
+    assert multi and all(ex.bridge_answers for ex in multi)
+    assert not any(ex.bridge_answers for ex in examples if ex.data_source != "synthetic_multi")
+    for ex in multi:
+        first, second = world.supporting_passages(ex.id)
+        assert ex.bridge_answers[0] in first["contents"]
+        assert second["contents"].startswith(f'"{ex.bridge_answers[0]}"')
+    people = [ex for ex in multi if len(ex.bridge_answers) == 2]
+    assert people and all(ex.bridge_answers[0].endswith(" " + ex.bridge_answers[1])
+                          for ex in people)
+
+    ex = people[0]
+    ctx = QueryContext(ex.question, ex.golden_answers, bridge_answers=ex.bridge_answers)
+    surname = ex.bridge_answers[1]
+    assert hop_context(ex.question, ctx).golden_answers == ex.bridge_answers[:1]
+    for second_hop in (f"{ex.bridge_answers[0]} birthplace", f"{surname.upper()} occupation"):
+        assert hop_context(second_hop, ctx) == ctx
+    plain = QueryContext(ex.question, ex.golden_answers)
+    assert hop_context(ex.question, plain) is plain
+
+    # The engine asks for the hop's answer, and a noisy first-hop page may not name the bridge.
+    queries = [ex.question, f"{surname} birthplace", ex.question]
+    contexts = [dataclasses.replace(ctx, useful=True), dataclasses.replace(ctx, useful=True),
+                dataclasses.replace(ctx, useful=False)]
+    bridge, gold = ex.bridge_answers[0], ex.golden_answers[0]
+    for hop_answers, answers in ((True, [bridge, gold, bridge]), (False, [gold] * 3)):
+        sim = tiny_simulator(smollm2_tokenizer, tiny_lm, hop_answers=hop_answers,
+                             block_answer=True)
+        for res, answer in zip(sim.search(queries, contexts=contexts), answers, strict=True):
+            assert f"whose answer is {answer}." in res.metadata["prompt"]
+        plan = sim._plan(queries, contexts)[2]
+        bans = sim.prompt.answer_bans(smollm2_tokenizer, plan[2].golden_answers)
+        assert smollm2_tokenizer.decode(bans[0]).strip() == answers[2]
 
 
 def test_noise_probability_and_contexts_are_validated(smollm2_tokenizer, tiny_lm):

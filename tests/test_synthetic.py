@@ -137,7 +137,9 @@ def test_write_jsonl_roundtrip(tmp_path):
     lines = (tmp_path / "corpus.jsonl").read_text("utf-8").splitlines()
     assert [json.loads(line) for line in lines] == w.passages
     w.write_questions_jsonl(tmp_path / "test.jsonl", "test")
+    # The multi-hop questions' bridge answers (`simulator.hop_answers`) travel too.
     assert load_jsonl(tmp_path / "test.jsonl") == w.questions("test")
+    assert any(q.bridge_answers for q in w.questions("test"))
 
 
 @pytest.mark.parametrize(

@@ -90,8 +90,8 @@ def make_engine(kind: str, c: ml_collections.ConfigDict, *, topk: int, corpus: s
     "wiki"; a Search-R1 jsonl; an index kept in `index_dir`), `searchr1` / `zerosearch_wiki`
     (HTTP at `url`), `serpapi`; `simulator` (in process; model = (config, params, tokenizer))
     or `simulator_server` (OpenAI-compatible at `url`, serving `server_model`), with the
-    `simulator` config section's variant, temperature, max_new_tokens, prime_reply and
-    block_answer (in process only: a server cannot ban token sequences).
+    `simulator` config section's variant, temperature, max_new_tokens, prime_reply,
+    hop_answers and block_answer (in process only: a server cannot ban token sequences).
     Errors name the config `key` the kind came from.
     """
     try:
@@ -107,7 +107,7 @@ def make_engine(kind: str, c: ml_collections.ConfigDict, *, topk: int, corpus: s
             s = simulator
             common = dict(variant=s.variant, topk=topk, temperature=s.temperature,
                           max_new_tokens=s.max_new_tokens, noise_probability=noise_probability,
-                          seed=c.seed)
+                          seed=c.seed, hop_answers=s.get("hop_answers", False))
             if kind == "simulator_server":
                 if s.block_answer:
                     raise ConfigError(

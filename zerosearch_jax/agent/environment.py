@@ -228,7 +228,8 @@ def search(engine: SearchEngine, actions: TurnActions, rows: Sequence[QAExample]
     sent = [k for k in range(len(actions.search_rows)) if k not in earlier]
     coins = coins or {}
     results = engine.search([actions.queries[k] for k in sent], contexts=[
-        QueryContext(rows[i].question, rows[i].golden_answers, useful=coins.get(i))
+        QueryContext(rows[i].question, rows[i].golden_answers, useful=coins.get(i),
+                     bridge_answers=rows[i].bridge_answers)
         for i in (actions.search_rows[k] for k in sent)]) if sent else []
     answers = dict(zip(sent, results, strict=True))
     observations = {}

@@ -763,6 +763,8 @@ def supports(engine, tokenizer: Tokenizer, placement=None) -> str | None:
         return "the simulator's tokenizer is not the policy's"
     if engine.prime_reply:
         return "simulator.prime_reply is set"
+    if engine.hop_answers:
+        return "simulator.hop_answers is set (the host loop matches each query to its hop)"
     if engine.placement is not None and placement is not None and (
             engine.placement.mesh != placement.mesh):
         return "the simulator runs on its own sub-mesh"

@@ -4,7 +4,9 @@ Every source becomes a list of `QAExample(id, question, golden_answers, data_sou
 thing the rollout and evaluation code read from the data:
 
 - jsonl, the FlashRAG convention: one `{"id", "question", "golden_answers", "data_source"}` object a
-  line; `golden_answers` may also be one string, or be named `answer` / `answers`.
+  line; `golden_answers` may also be one string, or be named `answer` / `answers`. An optional
+  `bridge_answers` list (a multi-hop question's first-hop answers, as the synthetic world writes
+  them) is kept too.
 - parquet, the upstream ZeroSearch / Search-R1 training files *unchanged* (columns `id, question,
   golden_answers, data_source, prompt, ability, reward_model, extra_info`); when `golden_answers`
   is absent the gold comes from `reward_model.ground_truth.target`. The stored `prompt` column is
@@ -53,12 +55,16 @@ class QAExample:
       question: the question text, stripped.
       golden_answers: one or more accepted answers (aliases); metrics take the max over them.
       data_source: dataset name (e.g. "nq"), used to group metrics.
+      bridge_answers: a multi-hop question's first-hop answers (the bridge entity's names),
+        where the data knows them (the synthetic world); empty otherwise. Read only by a
+        simulator with `hop_answers` (`search.simulator`).
     """
 
     id: str
     question: str
     golden_answers: tuple[str, ...]
     data_source: str
+    bridge_answers: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,11 +133,18 @@ def record_to_example(
         )
     example_id = record.get("id")
     data_source = record.get("data_source")
+    bridge = record.get("bridge_answers")
+    if bridge is None:
+        bridge = ()
+    elif isinstance(bridge, str) or not all(isinstance(b, str) and b.strip() for b in bridge):
+        raise ValueError(f"'bridge_answers' must be a list of non-empty strings, got "
+                         f"{_short(bridge)}")
     return QAExample(
         id=default_id if example_id is None else str(example_id),
         question=question.strip(),
         golden_answers=golden_answers,
         data_source=data_source if isinstance(data_source, str) and data_source else default_source,
+        bridge_answers=tuple(b.strip() for b in bridge),
     )
 
 

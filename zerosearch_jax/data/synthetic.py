@@ -229,6 +229,7 @@ class World:
             (
                 {"id": q.id, "question": q.question, "golden_answers": list(q.golden_answers),
                  "data_source": q.data_source}
+                | ({"bridge_answers": list(q.bridge_answers)} if q.bridge_answers else {})
                 for q in self.questions(split)
             ),
         )
@@ -419,6 +420,12 @@ def _make_questions(w: World, pid: Callable[[str, int], str]) -> list[_Question]
         # A multi-hop answer must need the second passage.
         if multi and any(a.lower() in text[subject].lower() for a in answers):
             return
+        bridge = ()
+        if multi:
+            # The bridge entity's passage title (a person's full name, a city, a country), and
+            # a person's surname alone, as `_person_answers` accepts it.
+            title = text[support[1]].split("\n", 1)[0].strip('"')
+            bridge = tuple(dict.fromkeys((title, title.split()[-1])))
         questions.append(
             _Question(
                 example=QAExample(
@@ -426,6 +433,7 @@ def _make_questions(w: World, pid: Callable[[str, int], str]) -> list[_Question]
                     question=question,
                     golden_answers=answers,
                     data_source="synthetic_multi" if multi else "synthetic_single",
+                    bridge_answers=bridge,
                 ),
                 subject=subject,
                 support=support,

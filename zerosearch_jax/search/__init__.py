@@ -51,6 +51,7 @@ from zerosearch_jax.search.simulator import (
     SimulatorPrompt,
     SimulatorServerClient,
     clean_simulator_output,
+    hop_context,
     simulator_prompt,
 )
 
@@ -59,6 +60,7 @@ __all__ = [
     "SimulatorPrompt",
     "SimulatorServerClient",
     "clean_simulator_output",
+    "hop_context",
     "simulator_prompt",
     "ENGINES",
     "NO_INFORMATION",

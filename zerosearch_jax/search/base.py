@@ -33,6 +33,9 @@ class QueryContext:
     golden_answers: tuple[str, ...]
     # Force useful (True) or noisy (False) documents; None lets the engine decide.
     useful: bool | None = None
+    # A multi-hop question's first-hop answers (`QAExample.bridge_answers`); read by a
+    # simulator with `hop_answers`.
+    bridge_answers: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

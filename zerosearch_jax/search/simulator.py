@@ -121,6 +121,24 @@ PROMPTED_NOISY_TEMPLATE = (
 SIMULATOR_VARIANTS = ("finetuned", "prompted")
 
 
+def hop_context(query: str, context: QueryContext) -> QueryContext:
+    """The context of the hop `query` asks about (a simulator with `hop_answers`).
+
+    A multi-hop question's query that names none of its bridge answers asks the first hop (the
+    question's subject), so the page's answer is the bridge entity (its first bridge answer),
+    as the real engine's page for that query names the bridge, not the final answer; a query
+    that names the bridge asks the last hop and keeps the gold answers. Questions without
+    bridge answers (single-hop ones, data that does not know its hops) are unchanged.
+    Upstream's simulator is told the final answer whatever the query (the default here too).
+    """
+    if not context.bridge_answers:
+        return context
+    q = query.casefold()
+    if any(b.casefold() in q for b in context.bridge_answers if b):
+        return context
+    return dataclasses.replace(context, golden_answers=context.bridge_answers[:1])
+
+
 def simulator_prompt(query: str, context: QueryContext, useful: bool,
                      variant: str = "finetuned") -> str:
     """The user message asking for five useful or noisy documents for `query` (upstream's text:
@@ -228,7 +246,8 @@ class _SimulatorMixin:
 
     name = "simulator"
 
-    def _init_simulator(self, *, variant: str, topk: int, noise_probability: float, seed: int):
+    def _init_simulator(self, *, variant: str, topk: int, noise_probability: float, seed: int,
+                        hop_answers: bool = False):
         if variant not in SIMULATOR_VARIANTS:
             raise ValueError(
                 f"simulator variant must be one of {SIMULATOR_VARIANTS}, got {variant!r}")
@@ -236,6 +255,7 @@ class _SimulatorMixin:
             raise ValueError(f"topk must be >= 1, got {topk}")
         self.variant = variant
         self.topk = topk
+        self.hop_answers = hop_answers
         self.noise_probability = noise_probability
         self._coins = np.random.default_rng(seed)
 
@@ -255,15 +275,18 @@ class _SimulatorMixin:
         self._noise = float(p)
 
     def _plan(self, queries: Sequence[str], contexts: Sequence[QueryContext] | None):
-        """(useful flags, user prompts) for a batch; every query needs its own context."""
+        """(useful flags, user prompts, contexts) for a batch; every query needs its own
+        context. With `hop_answers` each context is its query's hop's (`hop_context`)."""
         if contexts is None:
             raise ValueError("the simulator needs a QueryContext (question, gold answers) "
                              "for every query")
+        if self.hop_answers:
+            contexts = [hop_context(q, c) for q, c in zip(queries, contexts, strict=True)]
         useful = [c.useful if c.useful is not None else bool(self._coins.uniform() > self._noise)
                   for c in contexts]
         prompts = [simulator_prompt(q, c, u, self.variant)
                    for q, c, u in zip(queries, contexts, useful, strict=True)]
-        return useful, prompts
+        return useful, prompts, contexts
 
     def _result(self, raw: str, useful: bool, prompt: str, latency_s: float) -> SearchResult:
         docs = clean_simulator_output(raw, self.topk)
@@ -285,15 +308,17 @@ class LLMSimulator(_SimulatorMixin, SearchEngine):
     `block_answer`: a noisy page never completes the gold answer's tokens
     (`SimulatorPrompt.answer_bans`): the noisy prompt names the answer too, and a small tuned
     simulator copies it whichever variant it is asked for (docs/simulator_sft.md).
+    `hop_answers`: a multi-hop question's first-hop query gets a page for the bridge entity,
+    not the final answer (`hop_context`; off upstream).
     """
 
     def __init__(self, config, params, tokenizer, *, variant: str = "finetuned", topk: int = 5,
                  temperature: float = 0.8, max_new_tokens: int = 600,
                  noise_probability: float = 0.0, prime_reply: bool = False, seed: int = 0,
-                 batch_size: int = 0, block_answer: bool = False):
+                 batch_size: int = 0, block_answer: bool = False, hop_answers: bool = False):
         SearchEngine.__init__(self)
         self._init_simulator(variant=variant, topk=topk, noise_probability=noise_probability,
-                             seed=seed)
+                             seed=seed, hop_answers=hop_answers)
         import jax
 
         from zerosearch_jax import sampling
@@ -331,7 +356,7 @@ class LLMSimulator(_SimulatorMixin, SearchEngine):
         from zerosearch_jax import sampling
 
         start = time.perf_counter()
-        useful, prompts = self._plan(queries, contexts)
+        useful, prompts, contexts = self._plan(queries, contexts)
         prefix = "Doc 1:" if self.prime_reply else ""
         prefix_ids = self.tokenizer.encode(prefix) if prefix else []
         ids = [self.prompt.ids(self.tokenizer, q, c, u) + prefix_ids
@@ -362,16 +387,17 @@ class SimulatorServerClient(_SimulatorMixin, HTTPSearchEngine):
     def __init__(self, url: str, model: str = "default", *, variant: str = "finetuned",
                  topk: int = 5, temperature: float = 0.8, max_new_tokens: int = 600,
                  noise_probability: float = 0.0, seed: int = 0, api_key: str | None = None,
-                 retry: RetryPolicy | None = None, max_workers: int = 16):
+                 retry: RetryPolicy | None = None, max_workers: int = 16,
+                 hop_answers: bool = False):
         HTTPSearchEngine.__init__(self, topk=topk, retry=retry, max_workers=max_workers)
         self._init_simulator(variant=variant, topk=topk, noise_probability=noise_probability,
-                             seed=seed)
+                             seed=seed, hop_answers=hop_answers)
         self.url = check_url(url).rstrip("/") + "/v1/chat/completions"
         self.model, self.temperature, self.max_new_tokens = model, temperature, max_new_tokens
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def _search(self, queries, contexts):
-        useful, prompts = self._plan(queries, contexts)
+        useful, prompts, _ = self._plan(queries, contexts)
         with ThreadPoolExecutor(min(self.max_workers, len(queries))) as pool:
             return list(pool.map(self._one, useful, prompts))
 
