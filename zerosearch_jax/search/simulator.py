@@ -134,7 +134,7 @@ def hop_context(query: str, context: QueryContext) -> QueryContext:
     if not context.bridge_answers:
         return context
     q = query.casefold()
-    if any(b.casefold() in q for b in context.bridge_answers if b):
+    if any(b.casefold() in q for b in context.bridge_answers):
         return context
     return dataclasses.replace(context, golden_answers=context.bridge_answers[:1])
 
