@@ -14,6 +14,7 @@ from zerosearch_jax.metrics import (
     MetricsWriter,
     bootstrap_interval,
     groups_with_spread,
+    paired_gain,
     read_metrics,
     summary,
 )
@@ -202,6 +203,57 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_questions():
     assert all(np.isnan(bootstrap_interval([])))
     assert summary({"f1": 0.5, "f1_lo": 0.375, "f1_hi": 0.625, "em": 0.25, "nq/f1": 0.1}) == \
         "f1=0.500 [0.38, 0.62], em=0.250"
+
+
+def test_paired_gain_interval_is_the_change_not_the_two_levels():
+    rng = np.random.default_rng(0)
+    before = (rng.random(64) < 0.5).astype(float)
+    # Three questions gained, one lost, the rest unchanged.
+    after = before.copy()
+    after[np.flatnonzero(before == 0)[:3]] = 1.0
+    after[np.flatnonzero(before == 1)[0]] = 0.0
+    gain, lo, hi = paired_gain(before, after)
+    assert abs(gain - 2 / 64) < 1e-12 and lo <= gain <= hi
+    # Separate intervals around the two means are about 0.25 wide; the paired one is narrow.
+    b_lo, b_hi = bootstrap_interval(before)
+    assert (hi - lo) < (b_hi - b_lo) / 2
+    assert paired_gain(before, before) == (0.0, 0.0, 0.0)
+    assert all(np.isnan(paired_gain([], [])))
+    with pytest.raises(ValueError, match="one shape"):
+        paired_gain([1.0, 0.0], [1.0])
+
+
+def _episodes(path, f1s, sources, extra=""):
+    with open(path, "w") as f:
+        for i, (v, src) in enumerate(zip(f1s, sources, strict=True)):
+            f.write(json.dumps({"id": str(i), "question": f"q{i}", "data_source": src,
+                                "f1": v}) + "\n")
+        f.write(extra)
+
+
+def test_gain_over_pairs_the_questions_of_two_validations(tmp_path, caplog):
+    from zerosearch_jax import hooks
+
+    sources = ["single", "multi"] * 4
+    start, end = tmp_path / "step_000000.jsonl", tmp_path / "step_000006.jsonl"
+    _episodes(start, [1, 0, 1, 0, 0, 0, 1, 1], sources, extra="not json\n")
+    # Written by two processes: process 1's questions in a `.p1` file beside process 0's.
+    _episodes(tmp_path / "step_000006.p0.jsonl", [1, 1, 1, 1], sources[:4])
+    with open(tmp_path / "step_000006.p1.jsonl", "w") as f:
+        for i, v in zip(range(4, 8), [0, 1, 1, 1], strict=True):
+            f.write(json.dumps({"id": str(i), "question": f"q{i}",
+                                "data_source": sources[i], "f1": v}) + "\n")
+    with caplog.at_level(logging.WARNING):
+        gain = hooks.gain_over(str(start), str(end), 8)
+    assert "malformed" in caplog.text  # the bad line is skipped, named
+    assert gain["gain_f1"] == 3 / 8  # q1, q3, q5 gained
+    assert gain["multi/gain_f1"] == 3 / 4 and gain["single/gain_f1"] == 0.0
+    assert gain["gain_f1_lo"] <= 3 / 8 <= gain["gain_f1_hi"]
+    # Missing episodes, or other questions, give no gain rather than a wrong one.
+    assert hooks.gain_over(str(tmp_path / "none.jsonl"), str(end), 8) == {}
+    assert hooks.gain_over(str(start), str(end), 16) == {}
+    _episodes(start, [1, 0, 1, 0, 0, 0, 1], sources[:7])
+    assert hooks.gain_over(str(start), str(end), 8) == {}
 
 
 def test_interval_bounds_are_a_band_not_panels(tmp_path):

@@ -66,6 +66,9 @@ def test_sigkill_resume_matches_uninterrupted_run(policy_dir, tmp_path):
     assert final["f1_lo"] <= final["f1"] <= final["f1_hi"]
     assert any(k.endswith("/f1_hi") for k in final) and any(k.endswith("/searches")
                                                              for k in final)
+    # The change over step 0, question by question: its mean is the difference of the means.
+    assert abs(final["gain_f1"] - (rows[-1]["val/f1"] - rows[0]["val/f1"])) < 1e-6
+    assert final["gain_f1_lo"] <= final["gain_f1"] <= final["gain_f1_hi"]
     # The validations' episodes, one line a question, scored as the metrics say.
     for step in (0, 4):
         traces = [json.loads(line) for line in open(full / "validation" / f"step_{step:06d}.jsonl")]

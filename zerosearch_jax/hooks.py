@@ -7,11 +7,13 @@ non-finite guard and the step's metrics, each a small piece the driver calls.
     metrics = across_processes(local)                      # the same numbers on every process
     scores = validate(config, params, tokenizer, examples, engine, rollout_config, seed,
                       trace_path=path)               # and each episode as a JSONL line
+    gain = gain_over(start_path, end_path, n_questions, seed)  # paired F1 change, interval
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
 import signal
@@ -23,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from zerosearch_jax import agent, checkpoints, metrics, sampling, search, sharding
 from zerosearch_jax.data.iterator import DataIterator
-from zerosearch_jax.data.jsonl import write_jsonl_atomic
+from zerosearch_jax.data.jsonl import read_jsonl, write_jsonl_atomic
 
 logger = logging.getLogger("zerosearch_jax.train")
 
@@ -159,6 +161,53 @@ def validate(config, params, tokenizer, examples, engine: search.SearchEngine,
         out[f"{src}/f1_lo"], out[f"{src}/f1_hi"] = metrics.bootstrap_interval(f1[sel], seed=seed)
         out[f"{src}/cover_em"] = float(cover_em[sel].mean())
         out[f"{src}/searches"] = float(searches[sel].mean())
+    return out
+
+
+def validation_scores(path: str) -> dict[tuple[str, str], tuple[str, float]]:
+    """{(question id, question): (data source, F1)} from a validation's episodes written by
+    `validate(trace_path=path)`, every process's file (`step_000006.p1.jsonl`) included; {}
+    when there are none. Malformed lines are skipped with a warning."""
+    root, ext = os.path.splitext(path)
+    files = sorted({*glob.glob(glob.escape(path)), *glob.glob(f"{glob.escape(root)}.p*{ext}")})
+    out = {}
+    for f in files:
+        for row in read_jsonl(f, on_error="skip"):
+            try:
+                out[(str(row["id"]), str(row["question"]))] = (str(row["data_source"]),
+                                                               float(row["f1"]))
+            except (KeyError, TypeError, ValueError) as e:
+                logger.warning("%s: skipping a validation episode without id, question, "
+                               "data_source and f1 (%s)", f, e)
+    return out
+
+
+def gain_over(start_path: str, end_path: str, n_questions: int,
+              seed: int = 0) -> dict[str, float]:
+    """The change in validation F1 from one validation to another of the same questions
+    (their episodes at `start_path` and `end_path`, as `validate` writes them), question by
+    question: `gain_f1` with its paired 95% bootstrap interval (`gain_f1_lo`, `gain_f1_hi`;
+    `metrics.paired_gain`), overall and per source (`<source>/gain_f1`, ...). {} (logged) when
+    either file is missing or they do not both hold the same `n_questions` questions."""
+    start, end = validation_scores(start_path), validation_scores(end_path)
+    if not start or not end:
+        logger.info("no episodes of %s: the F1 gain over it is not computed",
+                    start_path if not start else end_path)
+        return {}
+    if start.keys() != end.keys() or len(end) != n_questions:
+        logger.warning("%s and %s hold different questions (%d and %d of %d): the F1 gain is "
+                       "not computed", start_path, end_path, len(start), len(end), n_questions)
+        return {}
+    keys = sorted(end)
+    sources = np.array([end[k][0] for k in keys])
+    before = np.array([start[k][1] for k in keys])
+    after = np.array([end[k][1] for k in keys])
+    out = {}
+    parts = [("", slice(None))] + [(f"{s}/", sources == s) for s in sorted(set(sources))]
+    for prefix, sel in parts:
+        gain, lo, hi = metrics.paired_gain(before[sel], after[sel], seed=seed)
+        out.update({f"{prefix}gain_f1": gain, f"{prefix}gain_f1_lo": lo,
+                    f"{prefix}gain_f1_hi": hi})
     return out
 
 

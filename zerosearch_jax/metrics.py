@@ -244,6 +244,20 @@ def bootstrap_interval(values, level: float = 0.95, resamples: int = 2000,
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
+def paired_gain(before, after, level: float = 0.95, resamples: int = 2000,
+                seed: int = 0) -> tuple[float, float, float]:
+    """(mean of after - before, its percentile bootstrap interval) for per-question scores of
+    the same questions, in the same order: the questions are resampled together, so the
+    interval measures the change itself, free of how hard the questions are (two separate
+    intervals around the two means overlap far more). (nan, nan, nan) for no questions."""
+    a, b = np.asarray(after, np.float64), np.asarray(before, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need one shape, got {b.shape} and {a.shape}")
+    d = a - b
+    lo, hi = bootstrap_interval(d, level, resamples, seed)
+    return (float(d.mean()) if d.size else math.nan), lo, hi
+
+
 def groups_with_spread(rewards, group) -> float:
     """The share of groups (a question's samples) whose rewards are not all equal: the part of
     a step GRPO learns from, since a group of equal rewards has zero advantage on every token.

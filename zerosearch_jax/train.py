@@ -572,8 +572,11 @@ def finish(run: Run, state, workdir: str, val_metrics: dict[str, float],
     if c.export_hf:
         models.save_pretrained(run.model_config, host_params,
                                os.path.join(workdir, "hf_policy"), tokenizer=run.tokenizer)
+    # The paired change over step 0 goes to the file and the log line (process 0 reads the
+    # episodes), not into the returned metrics, which are every process's same numbers.
+    final = {**val_metrics, **gain_over_start(c, workdir, len(run.val_examples))}
     with open(os.path.join(workdir, "final_validation.json"), "w") as f:
-        json.dump(val_metrics, f, indent=2)
+        json.dump(final, f, indent=2)
     times["rl"] = time.perf_counter()
     minutes = {k: (times[k] - t) / 60 for k, t in zip(
         ("warmup", "simulator_tuning", "rl"), (times["start"], times["warmup"],
@@ -581,9 +584,21 @@ def finish(run: Run, state, workdir: str, val_metrics: dict[str, float],
     logger.info("done in %.1f min (format warm-up %.1f, simulator tuning %.1f, RL and "
                 "validation %.1f; a stage reused from an earlier run counts ~0)",
                 sum(minutes.values()), *minutes.values())
-    logger.info("final validation: %s", metrics_lib.summary(val_metrics))
+    logger.info("final validation: %s", metrics_lib.summary(final))
     logger.info("outputs in %s: hf_policy/ (the trained policy), final_validation.json, "
                 "metrics.jsonl, plots/training_curves.png", workdir)
+
+
+def gain_over_start(c: ml_collections.ConfigDict, workdir: str,
+                    n_questions: int) -> dict[str, float]:
+    """The final validation's F1 change over step 0's, question by question, with its paired
+    interval (`hooks.gain_over`). Step 0's episodes are this run's, or those of the run whose
+    stages it shares (`stages_dir` with `validation.before_rl=False`)."""
+    start = validation_traces(workdir, 0)
+    if not hooks.validation_scores(start) and c.get("stages_dir"):
+        start = validation_traces(c.stages_dir, 0)
+    return hooks.gain_over(start, validation_traces(workdir, c.total_steps), n_questions,
+                           seed=c.seed)
 
 
 def describe_run(c: ml_collections.ConfigDict, workdir: str) -> str:
