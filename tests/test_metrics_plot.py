@@ -223,9 +223,9 @@ def test_paired_gain_interval_is_the_change_not_the_two_levels():
         paired_gain([1.0, 0.0], [1.0])
 
 
-def _episodes(path, f1s, sources, extra=""):
+def _episodes(path, f1s, sources, extra="", first=0):
     with open(path, "w") as f:
-        for i, (v, src) in enumerate(zip(f1s, sources, strict=True)):
+        for i, (v, src) in enumerate(zip(f1s, sources, strict=True), start=first):
             f.write(json.dumps({"id": str(i), "question": f"q{i}", "data_source": src,
                                 "f1": v}) + "\n")
         f.write(extra)
@@ -239,10 +239,7 @@ def test_gain_over_pairs_the_questions_of_two_validations(tmp_path, caplog):
     _episodes(start, [1, 0, 1, 0, 0, 0, 1, 1], sources, extra="not json\n")
     # Written by two processes: process 1's questions in a `.p1` file beside process 0's.
     _episodes(tmp_path / "step_000006.p0.jsonl", [1, 1, 1, 1], sources[:4])
-    with open(tmp_path / "step_000006.p1.jsonl", "w") as f:
-        for i, v in zip(range(4, 8), [0, 1, 1, 1], strict=True):
-            f.write(json.dumps({"id": str(i), "question": f"q{i}",
-                                "data_source": sources[i], "f1": v}) + "\n")
+    _episodes(tmp_path / "step_000006.p1.jsonl", [0, 1, 1, 1], sources[4:], first=4)
     with caplog.at_level(logging.WARNING):
         gain = hooks.gain_over(str(start), str(end), 8)
     assert "malformed" in caplog.text  # the bad line is skipped, named

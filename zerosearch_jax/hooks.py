@@ -164,14 +164,19 @@ def validate(config, params, tokenizer, examples, engine: search.SearchEngine,
     return out
 
 
+def episode_files(path: str) -> list[str]:
+    """The files `validate(trace_path=path)` wrote: `path`, or each process's
+    (`step_000006.p1.jsonl`, `process_path`); [] when there are none."""
+    root, ext = os.path.splitext(path)
+    return sorted({*glob.glob(glob.escape(path)), *glob.glob(f"{glob.escape(root)}.p*{ext}")})
+
+
 def validation_scores(path: str) -> dict[tuple[str, str], tuple[str, float]]:
     """{(question id, question): (data source, F1)} from a validation's episodes written by
-    `validate(trace_path=path)`, every process's file (`step_000006.p1.jsonl`) included; {}
-    when there are none. Malformed lines are skipped with a warning."""
-    root, ext = os.path.splitext(path)
-    files = sorted({*glob.glob(glob.escape(path)), *glob.glob(f"{glob.escape(root)}.p*{ext}")})
+    `validate(trace_path=path)` (`episode_files`); {} when there are none. Malformed lines are
+    skipped with a warning."""
     out = {}
-    for f in files:
+    for f in episode_files(path):
         for row in read_jsonl(f, on_error="skip"):
             try:
                 out[(str(row["id"]), str(row["question"]))] = (str(row["data_source"]),

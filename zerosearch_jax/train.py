@@ -595,7 +595,7 @@ def gain_over_start(c: ml_collections.ConfigDict, workdir: str,
     interval (`hooks.gain_over`). Step 0's episodes are this run's, or those of the run whose
     stages it shares (`stages_dir` with `validation.before_rl=False`)."""
     start = validation_traces(workdir, 0)
-    if not hooks.validation_scores(start) and c.get("stages_dir"):
+    if not hooks.episode_files(start) and c.get("stages_dir"):
         start = validation_traces(c.stages_dir, 0)
     return hooks.gain_over(start, validation_traces(workdir, c.total_steps), n_questions,
                            seed=c.seed)
