@@ -129,3 +129,37 @@ def test_windowed_decode_loop_writes_the_cache_in_place():
     assert not whole.findall(hlo)
     out, _ = run(params, cache, logits, jax.random.key(0))
     assert (np.asarray(out.lengths) == 8).all()
+
+
+def test_whole_sequence_attention_in_query_blocks_equals_one_block(monkeypatch):
+    """Cache-less passes (training, scoring) attend in blocks of `_QUERY_CHUNK` queries, each
+    reading the keys up to its own end: with blocks of 4 (13 tokens: three whole blocks and a
+    short one; left padding and a packed row's segments) the logits and the gradients equal
+    the single-block pass at every real token. (A pad query sees no key; what it averages
+    differs with the block, and nothing reads it.)"""
+    from zerosearch_jax import training
+    from zerosearch_jax.models import transformer
+
+    config = models.tiny_config("qwen2")
+    params = models.init_params(config, 7)
+    ids, mask = left_padded_batch(config.vocab_size, [13, 9], seed=3)
+    segments = np.array([[1] * 5 + [2] * 6 + [0] * 2, [3] * 13])
+    inputs = [(models.causal_attention_mask(jnp.asarray(mask, bool)),
+               models.positions_from_mask(jnp.asarray(mask, bool)), mask > 0),
+              (training.segment_attention_mask(jnp.asarray(segments)),
+               jnp.asarray(np.tile(np.arange(13), (2, 1))), segments > 0)]
+
+    for attn, pos, real in inputs:
+        def loss(p, attn=attn, pos=pos, real=real):
+            out, _ = models.Transformer(config).apply({"params": p}, jnp.asarray(ids), pos, attn)
+            return jnp.sum(jnp.sin(out) * real[..., None]), out
+
+        results = []
+        for chunk in (64, 4):  # one block (T <= chunk), then four blocks
+            monkeypatch.setattr(transformer, "_QUERY_CHUNK", chunk)
+            (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+            results.append((np.asarray(out)[real], grads))
+        (out1, g1), (out4, g4) = results
+        np.testing.assert_allclose(out4, out1, atol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                             atol=1e-5, rtol=1e-4), g4, g1)
