@@ -135,29 +135,42 @@ def load_hf_peers(config, params) -> dict:
     return out
 
 
-def window_steps(config, params, batch: int, cache_slots: int, windows, steps: int = 32,
-                 repeats: int = 3) -> list[dict]:
-    """ms per decode step over a cache of `cache_slots` slots read through each attention
-    window (`extend(kv_length=W)`, as a multi-turn rollout reads it), for a plain bfloat16
-    cache and a windowed one (`models.init_cache(windowed=True)`), side by side."""
+def window_program(config, steps: int = 32):
+    """`steps` greedy decode steps over a cache read through a static attention window, jitted
+    (cache donated): run(params, cache, logits [B, V], W) -> cache, whose write index is put
+    back so the next call writes the same slots."""
     stop = StopConditions(pad_id=2)
-    logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
 
     def run(params, cache, logits, W):
         _, cache = sampling.decode(config, params, cache, logits, jax.random.key(0),
                                    sampler=sampling.Greedy(), max_new_tokens=steps, stop=stop,
                                    kv_length=W)
-        return cache.replace(index=jnp.int32(W - steps))  # the next call writes the same slots
+        return cache.replace(index=jnp.int32(W - steps))
 
-    run = jax.jit(run, static_argnums=3, donate_argnums=1)
+    return jax.jit(run, static_argnums=3, donate_argnums=1)
+
+
+def window_cache(config, batch: int, cache_slots: int, window: int, steps: int = 32,
+                 windowed: bool = True):
+    """A bfloat16 cache of `cache_slots` slots, every slot a key, whose next `steps` writes
+    end at slot `window` (what `window_program` reads through that window)."""
+    cache = models.init_cache(config, batch, cache_slots, jnp.bfloat16, windowed=windowed)
+    return cache.replace(index=jnp.int32(window - steps),
+                         key_mask=jnp.ones((batch, cache_slots), bool))
+
+
+def window_steps(config, params, batch: int, cache_slots: int, windows, steps: int = 32,
+                 repeats: int = 3) -> list[dict]:
+    """ms per decode step over a cache of `cache_slots` slots read through each attention
+    window (`extend(kv_length=W)`, as a multi-turn rollout reads it), for a plain bfloat16
+    cache and a windowed one (`models.init_cache(windowed=True)`), side by side."""
+    logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
+    run = window_program(config, steps)
     rows = []
     for W in windows:
         row = dict(batch=batch, cache_slots=cache_slots, window=W)
         for name, windowed in (("plain", False), ("windowed", True)):
-            cache = models.init_cache(config, batch, cache_slots, jnp.bfloat16,
-                                      windowed=windowed)
-            cache = cache.replace(index=jnp.int32(W - steps),
-                                  key_mask=jnp.ones((batch, cache_slots), bool))
+            cache = window_cache(config, batch, cache_slots, W, steps, windowed)
             cache = jax.block_until_ready(run(params, cache, logits, W))
             times = []
             for _ in range(repeats):

@@ -39,10 +39,11 @@ def _batch(B, T, vocab, seed=0):
     return tokens, loss_mask, adv
 
 
-def time_update(config, params, B, T, dtype, steps) -> dict:
-    """The trainer's jitted update (`TrainFns.update`, state donated) on one [B, T] batch,
-    scored once beforehand as the trainer scores it: seconds per update (median of `steps`
-    after a compiling one). config / params: the model (float32 master weights)."""
+def update_program(config, params, B, T, dtype):
+    """The trainer's jitted update (`TrainFns.update`, state donated) and its arguments on one
+    [B, T] rollout-like batch, scored once as the trainer scores it: (update, state, scored,
+    layout); call `update(state, scored, layout)` -> (state, metrics). config / params: the
+    model (float32 master weights)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -64,15 +65,24 @@ def time_update(config, params, B, T, dtype, steps) -> dict:
     layout = fns.plan(batch["attention_mask"])  # unpacked: the B rows are one micro-batch
     ref = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
     scored = jax.block_until_ready(fns.score(state.params, ref, None, batch, layout))
+    return fns.update, state, scored, layout
+
+
+def time_update(config, params, B, T, dtype, steps) -> dict:
+    """`update_program`'s update: seconds per update (median of `steps` after a compiling one)."""
+    import jax
+    import numpy as np
+
+    update, state, scored, layout = update_program(config, params, B, T, dtype)
     t = time.perf_counter()
-    state, m = fns.update(state, scored, layout)
+    state, m = update(state, scored, layout)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t
     before = _peak_rss_mb()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        state, m = fns.update(state, scored, layout)
+        state, m = update(state, scored, layout)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     if not np.isfinite(float(m["loss"])):

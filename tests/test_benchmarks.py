@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from rl_toy import toy_batch, toy_config
 
-from benchmarks import decode, update_phase
+from benchmarks import decode, profile_ops, update_phase
 from benchmarks import train_step as train_step_bench
 from zerosearch_jax import models
 from zerosearch_jax.rl import train_step as ts
@@ -25,6 +25,72 @@ def test_train_step_benchmark_times_the_trainers_update():
     params = models.init_params(config, 0)
     r = train_step_bench.time_update(config, params, 2, 16, "bfloat16", steps=2)
     assert r["step_s"] > 0 and r["compile_s"] > 0
+
+
+@pytest.mark.parametrize("program", ["update", "decode"])
+def test_profile_ops_splits_a_calls_time_by_part(program):
+    """profile_ops.py traces one call of the update / the windowed decode loop and splits its
+    time among the ops running at each moment: the parts, idle included, add up to the traced
+    span, matmuls (plain; batched for attention's) are found through the compiled program, and
+    the source ops name the model's layers."""
+    if program == "update":
+        config = toy_config()
+        params = models.init_params(config, 0)
+        update, state, scored, layout = train_step_bench.update_program(
+            config, params, 2, 48, "bfloat16")
+        r = profile_ops.profile(update, (state, scored, layout),
+                                out_of=lambda out: (out[0], scored, layout))
+    else:
+        config, params = decode.load_model("random:tiny")
+        run = decode.window_program(config, steps=4)
+        logits = jnp.zeros((2, config.vocab_size), jnp.float32)
+        cache = decode.window_cache(config, 2, 24, 16, steps=4)
+        r = profile_ops.profile(run, (params, cache, logits, 16),
+                                out_of=lambda out: (params, out, logits, 16))
+    parts = r["parts"]
+    assert set(parts) == set(profile_ops.PARTS)
+    assert sum(parts.values()) == pytest.approx(r["span_s"], rel=1e-6)
+    assert 0 < r["span_s"] <= r["wall_s"]
+    assert parts["matmuls"] > 0 and parts["attention matmuls"] > 0
+    sources = {source for _, source, _ in r["sources"]}
+    assert any(s.startswith("layer_N/attn/") or "/layer_N/attn/" in s for s in sources)
+    assert "matmuls" in profile_ops.report(r, top=3)
+
+
+def test_profile_ops_reads_matmuls_and_sources_from_hlo():
+    mlp = 'op_name="jit(f)/Transformer/layer_7/mlp/dot_general"'
+    hlo = f"""HloModule m
+
+%fused_computation.1 (param_0: bf16[4,8], param_1: bf16[8,8]) -> f32[4,8] {{
+  %param_0 = bf16[4,8]{{1,0}} parameter(0)
+  %param_1 = bf16[8,8]{{1,0}} parameter(1)
+  ROOT %dot.1 = f32[4,8]{{1,0}} dot(%param_0, %param_1), lhs_contracting_dims={{1}},
+    rhs_contracting_dims={{0}}, metadata={{{mlp}}}
+}}
+
+%fused_computation.2 (p: bf16[2,4,8], q: bf16[2,8,4]) -> f32[2,4,4] {{
+  %p = bf16[2,4,8]{{2,1,0}} parameter(0)
+  %q = bf16[2,8,4]{{2,1,0}} parameter(1)
+  ROOT %dot.2 = f32[2,4,4]{{2,1,0}} dot(%p, %q), lhs_batch_dims={{0}}, lhs_contracting_dims={{2}}
+}}
+
+ENTRY %main (a: bf16[4,8], b: bf16[8,8], c: bf16[2,4,8], d: bf16[2,8,4]) -> f32[4,8] {{
+  %ynn_fusion.3 = f32[4,8]{{1,0}} fusion(%a, %b), calls=%fused_computation.1, metadata={{{mlp}}}
+  %ynn_fusion.4 = f32[2,4,4]{{2,1,0}} fusion(%c, %d), kind=kCustom, calls=%fused_computation.2
+  %copy_bitcast_fusion.5 = bf16[8,4]{{1,0}} fusion(%a), kind=kLoop, calls=%fused_computation.9
+  %reduce_max.6 = f32[4]{{0}} reduce(%x), metadata={{op_name="jit(f)/Transformer/layer_2/attn/m"}}
+  ROOT %while.7 = (s32[], f32[4]) while(%t), condition=%c, body=%b
+}}
+"""
+    ops = profile_ops.hlo_ops(hlo)
+    assert ops["ynn_fusion.3"].matmul == "plain" and ops["ynn_fusion.4"].matmul == "batched"
+    assert profile_ops.part_of(ops["ynn_fusion.3"]) == "matmuls"
+    assert profile_ops.part_of(ops["ynn_fusion.4"]) == "attention matmuls"
+    assert profile_ops.part_of(ops["copy_bitcast_fusion.5"]) == "copies and transposes (no source)"
+    assert profile_ops.part_of(ops["reduce_max.6"]) == "attention, other"
+    assert ops["while.7"].opcode == "while"
+    assert ops["copy_bitcast_fusion.5"].stem == "copy_bitcast_fusion"
+    assert profile_ops.source_key(ops["reduce_max.6"].source) == "Transformer/layer_N/attn/m"
 
 
 def test_update_phase_benchmark_times_each_layout():
