@@ -157,21 +157,26 @@ def wall_shares(trace_file: str, ops: dict[str, Op]) -> tuple[dict[str, float], 
             {k: v / 1e6 for k, v in sources.items()}, span)
 
 
-def profile(fn, args: tuple, out_of=lambda out: out, trace_dir: str | None = None) -> dict:
-    """Calls `fn(*args)` (a jitted function) twice, then once under the profiler, and splits
-    that call's time by part. `out_of(out)` gives the next call's args when `fn` donates them
-    (None: the same args again). Returns {'wall_s', 'span_s', 'parts': {part: s},
+def profile(fn, args: tuple, out_of=lambda out: None, static_argnums: tuple[int, ...] = (),
+            trace_dir: str | None = None) -> dict:
+    """Compiles `fn` (a jitted function) for `args`, calls it twice, then once under the
+    profiler, and splits that call's time by part. `out_of(out)` gives the next call's args
+    when `fn` donates them (None: the same args again); `static_argnums` are `fn`'s static
+    arguments, passed to `lower` only. Returns {'wall_s', 'span_s', 'parts': {part: s},
     'sources': [(part, source, s)], 'trace'}."""
-    hlo = fn.lower(*args).compile().as_text()
-    ops = hlo_ops(hlo)
+    compiled = fn.lower(*args).compile()  # one compile: its HLO names the trace's ops
+
+    def call(args):
+        return compiled(*(a for i, a in enumerate(args) if i not in static_argnums))
+
+    ops = hlo_ops(compiled.as_text())
     for _ in range(2):
-        out = jax.block_until_ready(fn(*args))
-        args = out_of(out) or args
+        args = out_of(jax.block_until_ready(call(args))) or args
     with tempfile.TemporaryDirectory() as tmp:
         trace_dir = trace_dir or tmp
         jax.profiler.start_trace(trace_dir)
         t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(call(args))
         wall = time.perf_counter() - t
         jax.profiler.stop_trace()
         traces = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"),
@@ -242,7 +247,7 @@ def main():
         cache = decode.window_cache(config, batch, args.cache_slots, args.window)
         result = profile(run, (params, cache, logits, args.window),
                          out_of=lambda out: (params, out, logits, args.window),
-                         trace_dir=args.trace_dir)
+                         static_argnums=(3,), trace_dir=args.trace_dir)
         what = (f"32 decode steps, {name}, batch {batch}, window {args.window} of "
                 f"{args.cache_slots} slots")
     print(f"{what}, {jax.devices()[0].device_kind}")

@@ -46,7 +46,7 @@ def test_profile_ops_splits_a_calls_time_by_part(program):
         logits = jnp.zeros((2, config.vocab_size), jnp.float32)
         cache = decode.window_cache(config, 2, 24, 16, steps=4)
         r = profile_ops.profile(run, (params, cache, logits, 16),
-                                out_of=lambda out: (params, out, logits, 16))
+                                out_of=lambda out: (params, out, logits, 16), static_argnums=(3,))
     parts = r["parts"]
     assert set(parts) == set(profile_ops.PARTS)
     assert sum(parts.values()) == pytest.approx(r["span_s"], rel=1e-6)
