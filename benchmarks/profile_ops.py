@@ -128,13 +128,15 @@ def wall_shares(trace_file: str, ops: dict[str, Op]) -> tuple[dict[str, float], 
     are left out)."""
     with gzip.open(trace_file) as f:
         events = json.load(f)["traceEvents"]
-    spans = [(e["ts"], e["ts"] + e["dur"], ops[e["name"]]) for e in events
-             if e.get("ph") == "X" and e.get("name") in ops
-             and ops[e["name"]].opcode not in _CONTROL_FLOW and e.get("dur", 0) > 0]
+    # (start, end, part, source) of each op's run; the part and source once per op.
+    label = {name: (part_of(op), source_key(op.source) or f"(no source) {op.stem}")
+             for name, op in ops.items() if op.opcode not in _CONTROL_FLOW}
+    spans = [(e["ts"], e["ts"] + e["dur"], *label[e["name"]]) for e in events
+             if e.get("ph") == "X" and e.get("name") in label and e.get("dur", 0) > 0]
     if not spans:
         raise RuntimeError(f"{trace_file} holds no event of the program's ops")
-    points = sorted([(s, 1, i) for i, (s, _, _) in enumerate(spans)]
-                    + [(t, -1, i) for i, (_, t, _) in enumerate(spans)])
+    points = sorted([(span[0], 1, i) for i, span in enumerate(spans)]
+                    + [(span[1], -1, i) for i, span in enumerate(spans)])
     parts = collections.Counter({p: 0.0 for p in PARTS})
     sources = collections.Counter()
     active: set[int] = set()
@@ -144,10 +146,9 @@ def wall_shares(trace_file: str, ops: dict[str, Op]) -> tuple[dict[str, float], 
             if active:
                 share = (t - last) / len(active)
                 for j in active:
-                    op = spans[j][2]
-                    parts[part_of(op)] += share
-                    key = source_key(op.source) or f"(no source) {op.stem}"
-                    sources[(part_of(op), key)] += share
+                    _, _, part, source = spans[j]
+                    parts[part] += share
+                    sources[(part, source)] += share
             else:
                 parts["idle"] += t - last
         last = t
@@ -163,7 +164,8 @@ def profile(fn, args: tuple, out_of=lambda out: None, static_argnums: tuple[int,
     profiler, and splits that call's time by part. `out_of(out)` gives the next call's args
     when `fn` donates them (None: the same args again); `static_argnums` are `fn`'s static
     arguments, passed to `lower` only. Returns {'wall_s', 'span_s', 'parts': {part: s},
-    'sources': [(part, source, s)], 'trace'}."""
+    'sources': [(part, source, s)], 'trace'} ('trace': the trace file under `trace_dir`, None
+    without one: the trace is then written to a temporary directory and removed)."""
     compiled = fn.lower(*args).compile()  # one compile: its HLO names the trace's ops
 
     def call(args):
@@ -185,7 +187,8 @@ def profile(fn, args: tuple, out_of=lambda out: None, static_argnums: tuple[int,
             raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {trace_dir}")
         parts, sources, span = wall_shares(traces[-1], ops)
     ranked = sorted(((p, s, v) for (p, s), v in sources.items()), key=lambda r: -r[2])
-    return dict(wall_s=wall, span_s=span, parts=parts, sources=ranked, trace=traces[-1])
+    return dict(wall_s=wall, span_s=span, parts=parts, sources=ranked,
+                trace=traces[-1] if trace_dir != tmp else None)
 
 
 def report(result: dict, top: int = 0) -> str:
